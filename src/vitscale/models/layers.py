@@ -1,0 +1,174 @@
+"""Transformer building blocks. Module and parameter names follow timm so state dicts match."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def layer_norm(dim: int, eps: float, bias: bool = True) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, eps=eps, bias=bias)
+
+
+def activation(name: str) -> nn.Module:
+    # Flax's default GELU is the tanh approximation; timm's is exact.
+    return nn.GELU(approximate="tanh" if name == "gelu_tanh" else "none")
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch per sample, rescale the kept ones."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate}"
+
+
+def drop_path_or_identity(rate: float) -> nn.Module:
+    return DropPath(rate) if rate > 0 else nn.Identity()
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str, bias: bool = True, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.act = activation(act)
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through F.scaled_dot_product_attention, optional QK LayerNorm."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-6,
+        norm_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        # ViT-22B: LayerNorm on per-head queries and keys keeps attention logits bounded.
+        self.q_norm = layer_norm(self.head_dim, norm_eps, norm_bias) if qk_norm else nn.Identity()
+        self.k_norm = layer_norm(self.head_dim, norm_eps, norm_bias) if qk_norm else nn.Identity()
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        drop = self.attn_drop if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        x = x.transpose(1, 2).reshape(b, n, c)
+        return self.proj_drop(self.proj(x))
+
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax attention probabilities (B, heads, N, N), for analysis; no dropout."""
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, _ = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        return (q @ k.transpose(-2, -1) * self.head_dim**-0.5).softmax(dim=-1)
+
+
+class Block(nn.Module):
+    """Pre-LN encoder block (ViT): x + Attn(LN(x)), then + MLP(LN(x))."""
+
+    def __init__(self, cfg, drop_path: float) -> None:
+        super().__init__()
+        self.norm1 = layer_norm(cfg.width, cfg.norm_eps, cfg.norm_bias)
+        self.attn = _attention(cfg)
+        self.drop_path1 = drop_path_or_identity(drop_path)
+        self.norm2 = layer_norm(cfg.width, cfg.norm_eps, cfg.norm_bias)
+        self.mlp = Mlp(cfg.width, cfg.mlp_dim, cfg.act, cfg.mlp_bias, cfg.dropout)
+        self.drop_path2 = drop_path_or_identity(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class ParallelBlock(nn.Module):
+    """ViT-22B block: y = x + Attn(LN(x)) + MLP(LN(x)) with one shared LayerNorm."""
+
+    def __init__(self, cfg, drop_path: float) -> None:
+        super().__init__()
+        self.norm1 = layer_norm(cfg.width, cfg.norm_eps, cfg.norm_bias)
+        self.attn = _attention(cfg)
+        self.mlp = Mlp(cfg.width, cfg.mlp_dim, cfg.act, cfg.mlp_bias, cfg.dropout)
+        self.drop_path = drop_path_or_identity(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm1(x)
+        return x + self.drop_path(self.attn(y) + self.mlp(y))
+
+
+def _attention(cfg) -> Attention:
+    return Attention(
+        cfg.width,
+        cfg.heads,
+        qkv_bias=cfg.qkv_bias,
+        proj_bias=cfg.proj_bias,
+        qk_norm=cfg.qk_norm,
+        norm_eps=cfg.norm_eps,
+        norm_bias=cfg.norm_bias,
+        attn_drop=cfg.attn_dropout,
+        proj_drop=cfg.dropout,
+    )
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling (Scaling ViT / big_vision MAPHead).
+
+    A learned probe cross-attends over all tokens (no residual from the probe), then a residual
+    MLP on LN of the result. Names follow timm's AttentionPoolLatent.
+    """
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        dim = cfg.width
+        self.heads = cfg.heads
+        self.head_dim = dim // cfg.heads
+        self.latent = nn.Parameter(torch.zeros(1, 1, dim))
+        self.q = nn.Linear(dim, dim, bias=cfg.qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=cfg.proj_bias)
+        self.norm = layer_norm(dim, cfg.norm_eps, cfg.norm_bias)
+        self.mlp = Mlp(dim, cfg.map_mlp_dim or cfg.mlp_dim, cfg.act, cfg.mlp_bias)
+        nn.init.xavier_uniform_(self.latent.view(1, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q = self.q(self.latent).expand(b, -1, -1)
+        q = q.reshape(b, 1, self.heads, self.head_dim).transpose(1, 2)
+        kv = self.kv(x).reshape(b, n, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv.unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, 1, c)
+        o = self.proj(o)
+        o = o + self.mlp(self.norm(o))
+        return o[:, 0]

@@ -77,6 +77,7 @@ class ModelConfig:
     # Position-embedding resampling when weights come from another grid.
     resample_mode: str = "bicubic"
     resample_antialias: bool = True
+    resample_align_corners: bool = False  # True + bilinear + no antialias = big_vision's zoom
     dynamic_img_size: bool = False  # resample learned posemb on the fly for other input sizes
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (source, tags)
 

@@ -164,7 +164,8 @@ class MAPHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        q = self.q(self.latent).expand(b, -1, -1)
+        # Project the probe per sample (not once) so FLOPs per image do not depend on the batch.
+        q = self.q(self.latent.expand(b, -1, -1))
         q = q.reshape(b, 1, self.heads, self.head_dim).transpose(1, 2)
         kv = self.kv(x).reshape(b, n, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)

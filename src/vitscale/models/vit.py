@@ -150,7 +150,7 @@ class VisionTransformer(nn.Module):
                         "new img_size (weights are resampled on load), or set dynamic_img_size=true"
                     )
                 pe = resample_grid(pe, grid, cfg.grid_size, prefix, cfg.resample_mode,
-                                   cfg.resample_antialias)
+                                   cfg.resample_antialias, cfg.resample_align_corners)
             if self.posemb_has_cls:
                 x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
                 return x + pe

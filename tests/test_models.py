@@ -37,10 +37,12 @@ def randomize(module: torch.nn.Module, seed: int = 0) -> None:
 def copy_and_compare(ours, theirs, x, atol=1e-5):
     randomize(theirs)
     load_state_dict_into(ours, theirs.state_dict(), ours.cfg)
-    with torch.no_grad():
+    with torch.no_grad():  # the fused inference path where the block allows it
         a, b = ours(x), theirs(x)
     assert a.shape == b.shape
     torch.testing.assert_close(a, b, atol=atol, rtol=0)
+    # With autograd on, the module path runs: it must match too.
+    torch.testing.assert_close(ours(x).detach(), b, atol=atol, rtol=0)
     return a
 
 
@@ -333,3 +335,16 @@ def test_timm_model_names_are_an_independent_reference():
     """A registered timm ViT-Ti/16 has the same parameter count as our Ti/16."""
     theirs = timm.create_model("vit_tiny_patch16_224", pretrained=False)
     assert sum(p.numel() for p in theirs.parameters()) == count(model_config("Ti/16")).params
+
+
+def test_fused_inference_path_equals_module_path():
+    model = tiny()
+    randomize(model)
+    x = torch.randn(2, 3, 32, 32)
+    assert all(b.fusable for b in model.blocks)
+    with torch.no_grad():
+        fused = model(x)
+        for b in model.blocks:
+            b.fusable = False
+        plain = model(x)
+    torch.testing.assert_close(fused, plain, atol=1e-5, rtol=0)

@@ -1,0 +1,273 @@
+"""Run configuration: dataclasses loaded from YAML, dotted CLI overrides, validation.
+
+Every error a user can make in a config is a one-line `ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vitscale.errors import ConfigError
+from vitscale.models.config import ModelConfig
+
+
+@dataclass
+class ModelSection:
+    """Which model to build: a named size plus ModelConfig field overrides, or a checkpoint."""
+
+    name: str = "Ti/16"  # a named size, e.g. "S/16", "R50+B/16"
+    init: str | None = None  # checkpoint to start from (any format `vitscale convert` reads)
+    reset_head: bool = True  # with `init`: a new zero-init head when the classes differ
+    overrides: dict[str, Any] = field(default_factory=dict)  # any ModelConfig field
+
+    def build_config(self, num_classes: int, img_size: int | tuple[int, int]) -> ModelConfig:
+        from vitscale.models import model_config
+
+        fields = {"num_classes": num_classes, "img_size": img_size, **self.overrides}
+        return model_config(self.name, **fields)
+
+
+@dataclass
+class DataConfig:
+    source: str = "digits"  # digits | imagefolder:PATH | webdataset:PATTERN | hf:NAME | torchvision:NAME
+    root: str = "data"  # where torchvision datasets are stored / downloaded
+    img_size: int = 32
+    batch_size: int = 128
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    minival_fraction: float = 0.1  # held out of train for model selection (as the papers)
+    augment: str = "light1"  # AugReg preset: none light1 light2 medium1 medium2 strong1 strong2
+    randaug_layers: int | None = None  # None: from the preset
+    randaug_magnitude: int | None = None
+    mixup_alpha: float | None = None
+    cutmix_alpha: float = 0.0
+    crop_scale_min: float = 0.05  # inception crop area lower bound (pre-training)
+    flip: bool = True
+    max_skip_fraction: float = 0.01  # fail when more unreadable images than this are skipped
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | adam_bf16 | adafactor_bv | sgd
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    head_weight_decay: float | None = None  # decoupled head decay (Scaling ViT); None: as body
+    decay_norms_and_biases: bool = False  # decay LayerNorm, biases, posemb, tokens too
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+    eps: float = 1e-8
+    lr_mults: dict[str, float] = field(default_factory=dict)  # regex -> lr multiplier
+    grad_clip: float | None = 1.0  # global-norm clipping
+
+
+@dataclass
+class ScheduleConfig:
+    decay: str = "cosine"  # cosine | linear | rsqrt | constant
+    warmup_steps: int = 0
+    warmup_fraction: float = 0.0  # alternative to warmup_steps: a fraction of total steps
+    cooldown_steps: int = 0  # linear cooldown to 0 at the end (rsqrt schedule)
+    timescale: int = 10_000  # rsqrt timescale
+    end_lr_fraction: float = 0.0  # linear/cosine end value relative to lr
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    seed: int = 0
+    epochs: float = 10.0
+    steps: int | None = None  # overrides epochs when set
+    loss: str = "softmax"  # softmax | sigmoid
+    label_smoothing: float = 0.0
+    accum_steps: int = 1
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    ema_decay: float | None = None  # Polyak / EMA of weights, evaluated alongside the raw ones
+    on_nonfinite: str = "stop"  # stop | skip
+    log_every: int = 10
+    eval_every: int | None = None  # steps; None: once per epoch
+    ckpt_every: int | None = None  # steps; None: once per epoch
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/default"
+    device: str = "auto"  # auto | cpu | cuda
+    progress: bool = True
+
+
+# ---------------------------------------------------------------------------------- loading
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check / convert a YAML value to the annotated type, or raise a ConfigError naming key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, "
+                          f"got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if tp is Any:
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        _, vtp = typing.get_args(tp)
+        return {str(k): _coerce(v, vtp, f"{key}.{k}") for k, v in value.items()}
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r}; valid keys here: {sorted(names)}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [plain(x) for x in v]
+        return v
+
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"bad override {item!r}; write section.key=value, e.g. optim.lr=0.001")
+    try:
+        return key.strip(), yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                cls: type = TrainConfig) -> Any:
+    """A validated config from a YAML file (or defaults) plus `key.sub=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            line = f" at line {where.line + 1}" if where else ""
+            raise ConfigError(f"{path} is not valid YAML{line}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of config sections")
+    for item in overrides or []:
+        key, value = parse_override(item)
+        set_dotted(data, key, value)
+    cfg = _build(cls, data)
+    validate = getattr(cfg, "validate", None) or globals().get(f"validate_{cls.__name__}")
+    if validate:
+        validate(cfg)
+    return cfg
+
+
+def validate_TrainConfig(cfg: TrainConfig) -> None:  # noqa: N802 - looked up by class name
+    checks = [
+        (cfg.optim.lr > 0, "optim.lr", "must be positive"),
+        (cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
+        (cfg.data.batch_size > 0, "data.batch_size", "must be positive"),
+        (cfg.data.eval_batch_size > 0, "data.eval_batch_size", "must be positive"),
+        (0 <= cfg.data.minival_fraction < 1, "data.minival_fraction", "must be in [0, 1)"),
+        (cfg.epochs > 0 or (cfg.steps or 0) > 0, "epochs", "must be positive (or set steps)"),
+        (cfg.accum_steps >= 1, "accum_steps", "must be >= 1"),
+        (cfg.data.batch_size % cfg.accum_steps == 0, "data.batch_size",
+         f"must be divisible by accum_steps={cfg.accum_steps}"),
+        (0 <= cfg.label_smoothing < 1, "label_smoothing", "must be in [0, 1)"),
+        (cfg.loss in ("softmax", "sigmoid"), "loss", "must be softmax or sigmoid"),
+        (cfg.precision in ("fp32", "bf16"), "precision", "must be fp32 or bf16"),
+        (cfg.on_nonfinite in ("stop", "skip"), "on_nonfinite", "must be stop or skip"),
+        (cfg.ema_decay is None or 0 < cfg.ema_decay < 1, "ema_decay", "must be in (0, 1)"),
+        (cfg.schedule.decay in ("cosine", "linear", "rsqrt", "constant"), "schedule.decay",
+         "must be cosine, linear, rsqrt or constant"),
+        (cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1"),
+        (cfg.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda"),
+    ]
+    for ok, key, message in checks:
+        if not ok:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} {message}")
+    # The model must be buildable at the data resolution (e.g. img_size divisible by patch).
+    try:
+        cfg.model.build_config(num_classes=1, img_size=cfg.data.img_size)
+    except ConfigError as exc:
+        raise ConfigError(f"model {cfg.model.name!r} at data.img_size={cfg.data.img_size}: "
+                          f"{exc}") from None
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def dump_config(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

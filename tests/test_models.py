@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from vitscale.errors import ConfigError
-from vitscale.models import ModelConfig, SIZES, count, create_model, model_config
+from vitscale.models import SIZES, ModelConfig, count, create_model, model_config
 from vitscale.models.posemb import resample_grid, sincos_2d
 from vitscale.models.weights import adapt_state_dict, load_state_dict_into
 

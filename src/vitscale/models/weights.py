@@ -183,10 +183,12 @@ def config_from_timm(
             m = re.match(r"patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.", k)
             if m:
                 stages.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+        # Without stages (R-Ti) the root conv sits directly under backbone, not backbone.stem.
+        root = next(k for k in ("patch_embed.backbone.stem.conv.weight",
+                                "patch_embed.backbone.conv.weight") if k in sd)
         cfg.update(stem="hybrid", hybrid_layers=tuple(len(stages[s]) for s in sorted(stages)),
-                   hybrid_width=sd["patch_embed.backbone.stem.conv.weight"].shape[0],
-                   in_chans=sd["patch_embed.backbone.stem.conv.weight"].shape[1])
-        stride = 4 * 2 ** (len(stages) - 1)  # as ModelConfig.stem_stride
+                   hybrid_width=sd[root].shape[0], in_chans=sd[root].shape[1])
+        stride = 4 * 2 ** max(len(stages) - 1, 0)  # as ModelConfig.stem_stride
         patch = (kh * stride, kw * stride)
     else:
         cfg["in_chans"] = in_feats

@@ -1,0 +1,57 @@
+"""Optimizers (AdamW, Adam with bf16 momentum, big_vision Adafactor, SGD), param groups with
+decoupled head / body weight decay, and big_vision learning-rate schedules."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from vitscale.config import OptimConfig
+from vitscale.errors import ConfigError
+from vitscale.optim.groups import param_groups
+from vitscale.optim.optimizers import AdafactorBV, AdamBF16, factored_dims, state_bytes
+from vitscale.optim.schedules import apply_lr, schedule_value
+
+OPTIMIZERS = ("adamw", "adam_bf16", "adafactor_bv", "sgd")
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The optimizer cfg.name names, over `param_groups(model, cfg)`.
+
+    adamw: torch.optim.AdamW(betas, eps). adam_bf16: `AdamBF16`, the same with a bf16 first
+    moment. adafactor_bv: `AdafactorBV` with momentum=cfg.momentum and beta2_cap=cfg.betas[1]
+    (0.9 and 0.999 by default, big_vision's values); its eps stays 1e-30 (cfg.eps is Adam's).
+    sgd: torch.optim.SGD with momentum=cfg.momentum, no Nesterov; its weight decay is torch's
+    L2 term added to the gradient, not decoupled. The weight decay of every other optimizer is
+    decoupled and multiplied by the lr (AdamW convention); see `AdafactorBV` for big_vision's.
+    """
+    if cfg.name not in OPTIMIZERS:
+        raise ConfigError(f"optim.name={cfg.name!r} is not an optimizer; choose one of "
+                          f"{', '.join(OPTIMIZERS)}")
+    groups = param_groups(model, cfg)
+    if not groups:
+        raise ConfigError("the model has no trainable parameters to optimize")
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay)
+    if cfg.name == "adam_bf16":
+        return AdamBF16(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay)
+    if cfg.name == "adafactor_bv":
+        return AdafactorBV(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                           momentum=cfg.momentum, beta2_cap=cfg.betas[1])
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False,
+                           weight_decay=cfg.weight_decay)
+
+
+__all__ = [
+    "OPTIMIZERS",
+    "AdafactorBV",
+    "AdamBF16",
+    "apply_lr",
+    "build_optimizer",
+    "factored_dims",
+    "param_groups",
+    "schedule_value",
+    "state_bytes",
+]

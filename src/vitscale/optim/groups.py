@@ -1,0 +1,68 @@
+"""Parameter groups: decoupled head / body weight decay, no decay off the kernels, lr multipliers."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch.nn as nn
+
+from vitscale.config import OptimConfig
+from vitscale.errors import ConfigError
+
+
+def is_head_kernel(name: str) -> bool:
+    """The classifier weight `head.weight` (also under a `module.` / `_orig_mod.` wrapper)."""
+    return name == "head.weight" or name.endswith(".head.weight")
+
+
+def is_kernel(name: str, ndim: int) -> bool:
+    """big_vision decays only `*/kernel`: dense and conv weights. Everything else (LayerNorm /
+    GroupNorm scales, biases, pos_embed, cls_token, the MAP probe attn_pool.latent) is left alone."""
+    return name.rsplit(".", 1)[-1] == "weight" and ndim >= 2
+
+
+def _compile_lr_mults(lr_mults: dict[str, float]) -> list[tuple[re.Pattern[str], float]]:
+    compiled = []
+    for pattern, mult in lr_mults.items():
+        try:
+            regex = re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"optim.lr_mults: {pattern!r} is not a valid regex ({exc})") from None
+        if not mult >= 0:
+            raise ConfigError(f"optim.lr_mults.{pattern}={mult!r} must be >= 0")
+        compiled.append((regex, float(mult)))
+    return compiled
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
+    """Optimizer param groups for `model`, one per (decay kind, lr multiplier).
+
+    Weight decay: cfg.weight_decay on kernels, cfg.head_weight_decay (None: the body value) on
+    `head.weight`, 0 elsewhere unless cfg.decay_norms_and_biases (then the body value, and the
+    head value still on the head kernel). lr multipliers: the first regex of cfg.lr_mults that
+    `re.search`es the parameter name wins, else 1. Each group carries `name`, `weight_decay`,
+    `lr_mult` and `lr = cfg.lr * lr_mult` (the scheduler rewrites lr from lr_mult every step).
+    Frozen parameters are left out.
+    """
+    mults = _compile_lr_mults(cfg.lr_mults)
+    head_wd = cfg.weight_decay if cfg.head_weight_decay is None else cfg.head_weight_decay
+    groups: dict[tuple[str, float], dict[str, Any]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if is_head_kernel(name) and p.ndim >= 2:
+            kind, wd = "head", head_wd
+        elif cfg.decay_norms_and_biases or is_kernel(name, p.ndim):
+            kind, wd = "decay", cfg.weight_decay
+        else:
+            kind, wd = "no_decay", 0.0
+        mult = next((m for regex, m in mults if regex.search(name)), 1.0)
+        key = (kind, mult)
+        if key not in groups:
+            label = kind if mult == 1.0 else f"{kind}/lr_mult={mult:g}"
+            groups[key] = {"name": label, "params": [], "param_names": [], "weight_decay": wd,
+                           "lr_mult": mult, "lr": cfg.lr * mult}
+        groups[key]["params"].append(p)
+        groups[key]["param_names"].append(name)
+    return list(groups.values())

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP_BASE := $(VENV)/.installed-base
 STAMP_DEV := $(VENV)/.installed-dev
 
-.PHONY: demo test lint bench clean
+.PHONY: demo tour test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,12 @@ $(STAMP_DEV): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@ $(STAMP_BASE)
 
+# The main job: train the demo recipe on the built-in digits data, in a fresh run directory.
 demo: $(STAMP_BASE)
+	$(BIN)/vitscale train --config configs/demo.yaml out_dir=runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+# A tour of the model family: named sizes, variants, save / reload / resample.
+tour: $(STAMP_BASE)
 	$(BIN)/python -m vitscale.demo
 
 test: $(STAMP_DEV)

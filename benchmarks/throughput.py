@@ -3,7 +3,8 @@
     python benchmarks/throughput.py --models S/16 Ti/16 --img-size 224 --batch 16
 
 Absolute times on shared machines are noise; the ratio (ours / timm, > 1 means we are faster)
-from interleaved runs is the figure to read. Both models get identical weights, and their
+from interleaved runs is the figure to read: the median of the per-pair ratios, with their
+interquartile range to show how much of a difference is noise. Both models get identical weights, and their
 outputs are checked equal before timing so the comparison is like for like.
 """
 
@@ -59,11 +60,13 @@ def measure(name: str, img_size: int, batch: int, repeats: int, warmup: int) -> 
             pair = [(ours, t_ours), (theirs, t_timm)]
             for model, times in pair if i % 2 == 0 else reversed(pair):
                 times.append(step(model, x, backward))
-        ratio = statistics.median(b / a for a, b in zip(t_ours, t_timm))
+        ratios = [b / a for a, b in zip(t_ours, t_timm)]
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
         rows.append(dict(model=name, img=img_size, batch=batch,
                          mode="fwd+bwd" if backward else "forward",
                          ours=batch / statistics.median(t_ours),
-                         timm=batch / statistics.median(t_timm), ratio=ratio))
+                         timm=batch / statistics.median(t_timm),
+                         ratio=statistics.median(ratios), q1=q1, q3=q3))
     return rows
 
 
@@ -79,12 +82,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, timm {timm.__version__}, {torch.get_num_threads()} threads")
-    print("| model | img | batch | pass | vitscale img/s | timm img/s | ratio (ours/timm) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | img | batch | pass | vitscale img/s | timm img/s | ratio (ours/timm) "
+          "| ratio IQR |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.models:
         for r in measure(name, args.img_size, args.batch, args.repeats, args.warmup):
             print(f"| {r['model']} | {r['img']} | {r['batch']} | {r['mode']} | {r['ours']:.1f} "
-                  f"| {r['timm']:.1f} | {r['ratio']:.3f} |", flush=True)
+                  f"| {r['timm']:.1f} | {r['ratio']:.3f} | {r['q1']:.3f}-{r['q3']:.3f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------- train
+def cmd_train(args: argparse.Namespace) -> int:
+    from vitscale.train import run
+
+    result = run(args.config, args.overrides, resume=args.resume)
+    print(f"run directory: {result.run_dir} ({result.step} steps, {result.wall_s:.0f} s)")
+    ema_acc = result.metrics.get("ema/test/accuracy")
+    if ema_acc is not None:
+        print(f"test accuracy (EMA weights): {ema_acc:.4f}")
+    acc = result.metrics.get("test/accuracy")
+    if acc is not None:
+        print(f"test accuracy: {acc:.4f}")  # the last line, for scripts
+    return 0
+
+
 # ---------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -140,6 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
                    help="model config fields, e.g. heads=6 num_classes=10")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("train", help="train a model (config YAML + key.sub=value overrides)",
+                       description="Train as the config says. A run directory that already "
+                       "holds checkpoints is resumed exactly from the latest one.")
+    p.add_argument("--config", help="YAML config (see configs/); defaults when omitted")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. optim.lr=0.003 data.batch_size=64")
+    p.add_argument("--resume", help="a checkpoint folder to resume from (default: the latest "
+                   "checkpoint in out_dir, if any)")
+    p.set_defaults(func=cmd_train)
     return parser
 
 

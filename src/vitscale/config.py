@@ -206,9 +206,12 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                cls: type = TrainConfig) -> Any:
-    """A validated config from a YAML file (or defaults) plus `key.sub=value` overrides."""
-    data: dict[str, Any] = {}
+                cls: type = TrainConfig, base: Any = None) -> Any:
+    """A validated config from a YAML file (or `base`, or defaults) plus `key.sub=value`
+    overrides."""
+    data: dict[str, Any] = to_dict(base) if base is not None else {}
+    if base is not None:
+        cls = type(base)
     if path is not None:
         path = Path(path)
         if not path.is_file():

@@ -1,4 +1,4 @@
-"""`make demo`: a tour of the model family (training joins when `vitscale train` lands)."""
+"""`make tour`: a tour of the model family (`make demo` trains; see configs/demo.yaml)."""
 
 from __future__ import annotations
 

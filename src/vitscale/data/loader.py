@@ -208,7 +208,11 @@ class Data:
         return len(self.train) // (batch_size or self.cfg.batch_size)
 
     def _loader_kwargs(self) -> dict[str, Any]:
-        return dict(num_workers=self.cfg.num_workers, pin_memory=torch.cuda.is_available())
+        # A DataLoader draws its workers' base seed when an iterator starts; from its own
+        # generator, not the global RNG, so that starting a stream (on resume, or an eval pass)
+        # leaves the dropout / drop-path RNG of the training step untouched.
+        return dict(num_workers=self.cfg.num_workers, pin_memory=torch.cuda.is_available(),
+                    generator=torch.Generator().manual_seed(self.seed))
 
     def _note_unreadable(self, split: str, keys: list[str]) -> None:
         if not keys:

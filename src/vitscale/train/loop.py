@@ -1,0 +1,315 @@
+"""`vitscale train`: the training loop.
+
+Everything that decides a step's numbers is a function of (config, step, restored state): the
+batch comes from a deterministic stream addressed by step, Mixup/CutMix draw from a generator
+seeded by (seed, step), dropout draws from the global torch RNG saved in each checkpoint. So a
+run resumed from its last checkpoint reproduces the uninterrupted run bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from vitscale.config import TrainConfig, dump_config, load_config
+from vitscale.errors import CheckpointError, UserError
+from vitscale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from vitscale.train.ema import EMA
+from vitscale.utils.io import atomic_write_text
+
+
+class TrainingError(UserError):
+    """Training cannot go on (non-finite loss, unusable data)."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    wall_s: float = 0.0  # this process's time in fit(), evaluation and saving included
+
+
+# ---------------------------------------------------------------------------------- pieces
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA device is available; use device=cpu or auto")
+    return torch.device(name)
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, kind: str, smoothing: float) -> torch.Tensor:
+    """Mean over the batch of softmax or sigmoid cross-entropy against soft targets (B, K)."""
+    logits = logits.float()
+    if smoothing:
+        targets = targets * (1.0 - smoothing) + smoothing / targets.shape[-1]
+    if kind == "sigmoid":  # big_vision: sum over classes, mean over examples
+        return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1).mean()
+    return -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()
+
+
+def build_model(cfg: TrainConfig, num_classes: int):
+    from vitscale.models import VisionTransformer, load
+
+    if cfg.model.init:
+        overrides = dict(cfg.model.overrides)
+        overrides.update(img_size=cfg.data.img_size, num_classes=num_classes)
+        return load(cfg.model.init, reset_head=cfg.model.reset_head or None, **overrides)
+    return VisionTransformer(cfg.model.build_config(num_classes, cfg.data.img_size))
+
+
+def total_steps(cfg: TrainConfig, train_size: int) -> int:
+    if cfg.steps:
+        return cfg.steps
+    per_epoch = max(train_size // cfg.data.batch_size, 1)
+    return max(int(math.ceil(cfg.epochs * per_epoch)), 1)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: str) -> dict[str, float]:
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+        total += y.numel()
+    return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "n": total}
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line) plus TensorBoard scalars when available."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            # Drop lines written after the checkpoint we resume from: they will be redone.
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+        self.fh = open(self.path, "a", encoding="utf-8")
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step)
+        except ImportError:  # tensorboard not installed: metrics.jsonl still has everything
+            pass
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.fh.write(json.dumps(record) + "\n")
+        self.fh.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self.fh.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---------------------------------------------------------------------------------- the run
+def run(config: TrainConfig | str | Path | dict | None = None,
+        overrides: list[str] | None = None, resume: str | Path | None = None) -> RunResult:
+    """Train as `config` says; resumes automatically when `out_dir` holds a checkpoint."""
+    if isinstance(config, TrainConfig):
+        cfg = config if not overrides else load_config(None, overrides, base=config)
+    else:
+        cfg = load_config(config, overrides)
+    return Trainer(cfg, resume=resume).fit()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: str | Path | None = None) -> None:
+        from vitscale.data import build_data
+        from vitscale.optim import build_optimizer
+
+        self.cfg = cfg
+        self.run_dir = Path(cfg.out_dir)
+        self.device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.data = build_data(cfg.data, cfg.seed)
+        self.model = build_model(cfg, self.data.num_classes).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
+        self.total = total_steps(cfg, len(self.data.train))
+        self.step = 0
+        self.skipped_steps = 0
+        self.best: dict[str, float] = {}
+        ckpt = Path(resume) if resume else latest_checkpoint(self.run_dir)
+        self.resumed_from: int | None = None
+        if ckpt is not None:
+            if not (ckpt / "state.json").is_file():
+                raise CheckpointError(f"{ckpt} is not a checkpoint folder (no state.json)")
+            doc = load_checkpoint(ckpt, self.model, self.optimizer,
+                                  self.ema.module if self.ema else None)
+            self.step = doc["step"]
+            self.skipped_steps = doc.get("skipped_steps", 0)
+            self.best = doc.get("best", {})
+            self.resumed_from = self.step
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+
+    # ------------------------------------------------------------------ one optimizer step
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
+        from vitscale.data.mixing import mix_batch
+
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+        x, targets = mix_batch(x, y, self.data.num_classes, gen, self.data.mixup_alpha,
+                               cfg.data.cutmix_alpha)
+        x, targets = x.to(self.device), targets.to(self.device)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total_loss = 0.0
+        for xs, ts in zip(x.chunk(cfg.accum_steps), targets.chunk(cfg.accum_steps)):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                enabled=cfg.precision == "bf16"):
+                logits = self.model(xs)
+            loss = loss_fn(logits, ts, cfg.loss, cfg.label_smoothing) / cfg.accum_steps
+            if not torch.isfinite(loss):
+                return None
+            loss.backward()
+            total_loss += loss.item()
+        if cfg.optim.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            if not torch.isfinite(norm):
+                return None
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return total_loss
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> RunResult:
+        from vitscale.optim import apply_lr
+
+        cfg = self.cfg
+        started = time.perf_counter()
+        log = MetricsLog(self.run_dir, self.resumed_from)
+        per_epoch = max(len(self.data.train) // cfg.data.batch_size, 1)
+        eval_every = cfg.eval_every or per_epoch
+        ckpt_every = cfg.ckpt_every or per_epoch
+        progress = _Progress(cfg.progress, self.total, self.step)
+        window_start, window_images = time.perf_counter(), 0
+        last: dict[str, Any] = {}
+        try:
+            for step, _epoch, x, y in self.data.train_batches(start_step=self.step,
+                                                              batch_size=cfg.data.batch_size):
+                if step >= self.total:
+                    break
+                self.step = step
+                lr = apply_lr(self.optimizer, step, self.total, cfg.optim.lr, cfg.schedule)
+                loss = self._train_step(x, y)
+                if loss is None:
+                    if cfg.on_nonfinite == "stop":
+                        raise TrainingError(
+                            f"non-finite loss or gradient at step {step}; lower optim.lr, enable "
+                            "optim.grad_clip, or set on_nonfinite=skip to skip such steps")
+                    self.skipped_steps += 1
+                    self.optimizer.zero_grad(set_to_none=True)
+                self.step = step + 1
+                window_images += x.shape[0]
+                done = self.step
+                if done % cfg.log_every == 0 or done == self.total:
+                    now = time.perf_counter()
+                    last = dict(step=done, epoch=round(done / per_epoch, 4),
+                                images_seen=done * cfg.data.batch_size, lr=lr,
+                                loss=loss if loss is not None else float("nan"),
+                                images_per_s=window_images / max(now - window_start, 1e-9),
+                                skipped_steps=self.skipped_steps,
+                                skipped_images=self.data.skipped)
+                    log.write(last)
+                    window_start, window_images = now, 0
+                progress.update(done, last)
+                if done % eval_every == 0 or done == self.total:
+                    record = self._evaluate("minival", done)
+                    self._track_best(record)
+                    log.write(record)
+                if done % ckpt_every == 0 or done == self.total:
+                    self._save()
+            final = self._evaluate("test", self.step)
+            final.update({f"best/{k}": v for k, v in self.best.items()})
+            log.write(final)
+        finally:
+            progress.close()
+            log.close()
+        from vitscale.models import save
+
+        save(self.model, self.run_dir / "model")
+        if self.ema is not None:
+            save(self.ema.module, self.run_dir / "model_ema")
+        result = {k: v for k, v in final.items() if isinstance(v, (int, float))}
+        if self.data.skipped:
+            print(f"skipped {self.data.skipped} unreadable images")
+        return RunResult(self.run_dir, self.step, result, time.perf_counter() - started)
+
+    def _evaluate(self, split: str, step: int) -> dict[str, Any]:
+        loader = self.data.eval_loader(split, self.cfg.data.eval_batch_size)
+        per_epoch = max(len(self.data.train) // self.cfg.data.batch_size, 1)
+        record: dict[str, Any] = {"step": step, "epoch": round(step / per_epoch, 4),
+                                  "images_seen": step * self.cfg.data.batch_size, "split": split}
+        if loader is None:
+            return record
+        for prefix, model in (("", self.model), ("ema/", self.ema.module if self.ema else None)):
+            if model is None:
+                continue
+            metrics = evaluate(model, loader, self.device, self.cfg.precision)
+            record[f"{prefix}{split}/accuracy"] = metrics["accuracy"]
+            record[f"{prefix}{split}/loss"] = metrics["loss"]
+        return record
+
+    def _track_best(self, record: dict[str, Any]) -> None:
+        """Remember the best minival accuracy (raw or EMA weights) and its step: model selection
+        by upstream validation, as AugReg recommends."""
+        for key in ("minival/accuracy", "ema/minival/accuracy"):
+            if key in record and record[key] > self.best.get(key, -1.0):
+                self.best[key] = record[key]
+                self.best[f"{key}@step"] = record["step"]
+
+    def _save(self) -> None:
+        state = {"skipped_steps": self.skipped_steps, "best": self.best}
+        save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
+                        ema=self.ema.module if self.ema else None, keep=self.cfg.keep_checkpoints)
+
+
+class _Progress:
+    """A rich progress bar (step, loss, lr, images/s, ETA) or nothing when disabled."""
+
+    def __init__(self, enabled: bool, total: int, start: int) -> None:
+        self.bar = None
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                            transient=False)
+        self.task = self.bar.add_task("train", total=total, completed=start, info="")
+        self.bar.start()
+
+    def update(self, done: int, last: dict[str, Any]) -> None:
+        if self.bar is None:
+            return
+        info = ""
+        if last:
+            info = (f"loss {last['loss']:.4f}  lr {last['lr']:.2e}  "
+                    f"{last['images_per_s']:.0f} img/s")
+        self.bar.update(self.task, completed=done, info=info)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -1,0 +1,206 @@
+"""`vitscale train` end to end on digits: run directory, metrics, exact resume after SIGKILL,
+non-finite losses, gradient accumulation, and one-line config errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vitscale.cli import main
+from vitscale.config import load_config
+from vitscale.errors import ConfigError
+from vitscale.train import Trainer, TrainingError, run
+from vitscale.train.checkpoint import latest_checkpoint
+
+# A model small enough for a CPU test: 16 px digits in 4x4 patches (16 tokens + class token).
+TINY = [
+    "model.name=Ti/4", "model.overrides.width=64", "model.overrides.depth=2",
+    "model.overrides.heads=4", "model.overrides.mlp_dim=128", "model.overrides.dropout=0.1",
+    "model.overrides.posemb=sincos2d", "model.overrides.pool=gap",
+    "data.img_size=16", "data.batch_size=32", "data.augment=light1", "data.flip=false",
+    "data.crop_scale_min=0.6", "data.mixup_alpha=0.2",
+    "optim.lr=0.003", "schedule.warmup_steps=2", "progress=false", "log_every=2",
+]
+
+
+def tiny(tmp: Path, *extra: str):
+    return load_config(None, TINY + [f"out_dir={tmp}", *extra])
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_metrics_and_learning(tmp_path):
+    result = run(tiny(tmp_path, "steps=100", "eval_every=50", "ckpt_every=50", "ema_decay=0.9",
+                      "data.augment=none", "data.mixup_alpha=0.0", "model.overrides.dropout=0.0",
+                      "optim.lr=0.002"))
+    assert (tmp_path / "config.yaml").is_file()
+    assert load_config(tmp_path / "config.yaml").steps == 100  # the resolved config reloads
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert latest_checkpoint(tmp_path).name == "step-000000100"
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "model_ema" / "model.safetensors").is_file()
+    rows = records(tmp_path)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(2, 101, 2))
+    for key in ("epoch", "images_seen", "lr", "loss", "images_per_s"):
+        assert key in train_rows[0], key
+    assert train_rows[-1]["images_seen"] == 100 * 32
+    evals = [r for r in rows if r.get("split") == "minival"]
+    assert [r["step"] for r in evals] == [50, 100]
+    assert {"minival/accuracy", "ema/minival/accuracy", "epoch", "images_seen"} <= set(evals[0])
+    final = rows[-1]
+    assert final["split"] == "test" and "ema/test/accuracy" in final
+    assert final["best/minival/accuracy"] == max(r["minival/accuracy"] for r in evals)
+    # 100 steps (2.5 epochs) of a tiny ViT already beat chance (0.1) on 10 digits by far.
+    assert result.metrics["test/accuracy"] > 0.35
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+
+
+def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model" / "model.safetensors"))
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+    args = ["steps=60", "ckpt_every=10", "eval_every=30", "ema_decay=0.9",
+            "data.batch_size=64", "model.overrides.drop_path=0.1"]
+    reference = tmp_path / "reference"
+    run(tiny(reference, *args))
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "vitscale.cli", "train", *TINY, *args, f"out_dir={killed}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    pointer = killed / "checkpoints" / "latest"
+    deadline = time.monotonic() + 120
+    while not pointer.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    assert not (killed / "model").exists(), "the run finished before it could be killed"
+    stopped_at = int(latest_checkpoint(killed).name.split("-")[1])
+    assert 0 < stopped_at < 60
+
+    # Resume by running the same command again: the run directory's latest checkpoint is used.
+    assert main(["train", *TINY, *args, f"out_dir={killed}"]) == 0
+    ours, theirs = _final_weights(killed), _final_weights(reference)
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+    ema_a = load_file(str(killed / "model_ema" / "model.safetensors"))
+    ema_b = load_file(str(reference / "model_ema" / "model.safetensors"))
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_b)
+    # metrics.jsonl has each step once, as the uninterrupted run's.
+    steps = [r["step"] for r in records(killed) if "loss" in r]
+    assert steps == [r["step"] for r in records(reference) if "loss" in r]
+    assert records(killed)[-1]["test/accuracy"] == records(reference)[-1]["test/accuracy"]
+
+
+def _nan_on_call(monkeypatch, bad_call: int):
+    import vitscale.train.loop as loop
+
+    real = loop.loss_fn
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == bad_call else loss
+
+    monkeypatch.setattr(loop, "loss_fn", flaky)
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path, monkeypatch):
+    _nan_on_call(monkeypatch, bad_call=5)  # the 5th optimizer step is step index 4
+    with pytest.raises(TrainingError, match="non-finite loss or gradient at step 4;"):
+        run(tiny(tmp_path, "steps=8", "ckpt_every=2"))
+    # Checkpoints written before the failure hold finite weights; none after it.
+    assert latest_checkpoint(tmp_path).name == "step-000000004"
+    weights = load_file(str(latest_checkpoint(tmp_path) / "model.safetensors"))
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_non_finite_loss_skip_mode(tmp_path, monkeypatch):
+    _nan_on_call(monkeypatch, bad_call=3)
+    result = run(tiny(tmp_path, "steps=8", "on_nonfinite=skip"))
+    assert result.step == 8
+    assert [r for r in records(tmp_path) if "loss" in r][-1]["skipped_steps"] == 1
+    weights = _final_weights(tmp_path)
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    # Without dropout, 4 micro-batches of 8 give the update of one batch of 32 (up to float
+    # summation order; SGD, since Adam would blow up the rounding noise of zero-gradient
+    # parameters such as the key bias into full-size steps).
+    common = ["steps=3", "model.overrides.dropout=0.0", "optim.name=sgd", "optim.lr=0.1",
+              "optim.grad_clip=null", "label_smoothing=0.1"]
+    a = Trainer(tiny(tmp_path / "a", *common))
+    b = Trainer(tiny(tmp_path / "b", *common, "accum_steps=4"))
+    a.fit(), b.fit()
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_sigmoid_loss_bf16_and_adafactor_run(tmp_path):
+    result = run(tiny(tmp_path, "steps=6", "loss=sigmoid", "precision=bf16",
+                      "optim.name=adafactor_bv", "schedule.decay=rsqrt",
+                      "schedule.cooldown_steps=2", "model.overrides.pool=map",
+                      "model.overrides.head_bias_init=-2.0"))
+    assert 0.0 <= result.metrics["test/accuracy"] <= 1.0
+    assert all(torch.isfinite(v).all() for v in _final_weights(tmp_path).values())
+
+
+def test_loss_fn_against_closed_forms():
+    from vitscale.train import loss_fn
+
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    target = torch.tensor([[0.0, 1.0, 0.0]])
+    soft = torch.tensor([[0.05, 0.9, 0.05]])  # label smoothing 0.15 over 3 classes
+    log_p = logits.log_softmax(-1)
+    assert loss_fn(logits, target, "softmax", 0.15).item() == pytest.approx(
+        -(soft * log_p).sum().item(), rel=1e-6)
+    sig = torch.sigmoid(logits)
+    expected = -(target * sig.log() + (1 - target) * (1 - sig).log()).sum()
+    assert loss_fn(logits, target, "sigmoid", 0.0).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=0.1", "unknown config key 'optim.lrr'"),
+    ("optim.lr=-1", "optim.lr=-1.0 must be positive"),
+    ("optim.lr=fast", "optim.lr: expected a number"),
+    ("data.img_size=30", "data.img_size=30"),
+    ("data.batch_size=30", "data.batch_size=30 must be divisible by accum_steps=4"),
+    ("optim.name=lamb", "optim.name='lamb' is not an optimizer"),
+])
+def test_bad_configs_are_one_line_errors(tmp_path, capsys, override, message):
+    extra = ["accum_steps=4"] if "accum" in message else []
+    code = main(["train", *TINY, f"out_dir={tmp_path}", *extra, override])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_missing_config_file_and_resume_folder(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    assert main(["train", *TINY, f"out_dir={tmp_path}", "--resume", str(tmp_path)]) == 2
+    assert "is not a checkpoint folder" in capsys.readouterr().err
+
+
+def test_shipped_configs_load(tmp_path):
+    for path in sorted(Path(__file__).parents[1].glob("configs/*.yaml")):
+        cfg = load_config(path)
+        assert cfg.optim.lr > 0, path
+    with pytest.raises(ConfigError, match="unknown config key 'modle'"):
+        load_config(None, ["modle.name=S/16"])

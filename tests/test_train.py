@@ -204,3 +204,33 @@ def test_shipped_configs_load(tmp_path):
         assert cfg.optim.lr > 0, path
     with pytest.raises(ConfigError, match="unknown config key 'modle'"):
         load_config(None, ["modle.name=S/16"])
+
+
+def test_two_process_data_parallel_equals_one_process(tmp_path):
+    # torchrun with 2 CPU processes (gloo): each loads half of every global batch of 32 and DDP
+    # averages the gradients, so the run follows the single-process one. Without dropout and
+    # Mixup (which pairs examples within a process's half) the two agree up to float rounding.
+    args = ["steps=6", "ckpt_every=3", "model.overrides.dropout=0.0", "data.mixup_alpha=0.0",
+            "optim.name=sgd", "optim.lr=0.1", "accum_steps=2"]
+    single = tmp_path / "single"
+    ref = run(tiny(single, *args))
+    ddp = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "vitscale.cli", "train", *TINY, *args, f"out_dir={ddp}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("test accuracy:") == 1  # rank 0 reports
+    ours, theirs = _final_weights(ddp), _final_weights(single)
+    for key in theirs:
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=1e-4, msg=key)
+    final = records(ddp)[-1]
+    assert final["test/accuracy"] == pytest.approx(ref.metrics["test/accuracy"], abs=1 / 360)
+    state = json.loads((latest_checkpoint(ddp) / "state.json").read_text())
+    assert len(state["rng_per_process"]) == 2
+
+    # The global batch must split evenly over the processes and micro-batches.
+    bad = subprocess.run(cmd[:-1] + ["data.batch_size=34", f"out_dir={tmp_path / 'bad'}"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    assert "data.batch_size=34 must be divisible by accum_steps=2 x 2 processes" in bad.stderr

@@ -112,6 +112,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vitscale.train import run
 
     result = run(args.config, args.overrides, resume=args.resume)
+    if not result.is_main:  # data-parallel: rank 0 reports
+        return 0
     print(f"run directory: {result.run_dir} ({result.step} steps, {result.wall_s:.0f} s)")
     ema_acc = result.metrics.get("ema/test/accuracy")
     if ema_acc is not None:

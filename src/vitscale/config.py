@@ -6,6 +6,7 @@ Every error a user can make in a config is a one-line `ConfigError` naming the k
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -235,6 +236,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def validate_TrainConfig(cfg: TrainConfig) -> None:  # noqa: N802 - looked up by class name
+    world = int(os.environ.get("WORLD_SIZE", 1))  # processes of a torchrun data-parallel run
     checks = [
         (cfg.optim.lr > 0, "optim.lr", "must be positive"),
         (cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
@@ -243,8 +245,9 @@ def validate_TrainConfig(cfg: TrainConfig) -> None:  # noqa: N802 - looked up by
         (0 <= cfg.data.minival_fraction < 1, "data.minival_fraction", "must be in [0, 1)"),
         (cfg.epochs > 0 or (cfg.steps or 0) > 0, "epochs", "must be positive (or set steps)"),
         (cfg.accum_steps >= 1, "accum_steps", "must be >= 1"),
-        (cfg.data.batch_size % cfg.accum_steps == 0, "data.batch_size",
-         f"must be divisible by accum_steps={cfg.accum_steps}"),
+        (cfg.data.batch_size % (cfg.accum_steps * world) == 0, "data.batch_size",
+         f"must be divisible by accum_steps={cfg.accum_steps}"
+         + (f" x {world} processes" if world > 1 else "")),
         (0 <= cfg.label_smoothing < 1, "label_smoothing", "must be in [0, 1)"),
         (cfg.loss in ("softmax", "sigmoid"), "loss", "must be softmax or sigmoid"),
         (cfg.precision in ("fp32", "bf16"), "precision", "must be fp32 or bf16"),

@@ -137,8 +137,10 @@ def collate(samples: list[tuple[torch.Tensor | None, int, tuple[str, ...]]]):
 class BatchStream:
     """Index batches [(epoch, i), ...] from global step `start_step` on, endlessly (a batch_sampler)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0):
+    def __init__(self, n: int, batch_size: int, seed: int, start_step: int = 0,
+                 shard: slice = slice(None)):
         self.n, self.batch_size, self.seed, self.start_step = n, batch_size, seed, start_step
+        self.shard = shard  # the part of every global batch this process loads (data parallel)
         self.steps_per_epoch = n // batch_size
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
@@ -147,7 +149,7 @@ class BatchStream:
         while True:
             order = epoch_permutation(self.seed, epoch, self.n).tolist()
             for p in range(pos, self.steps_per_epoch):
-                yield [(epoch, i) for i in order[p * b:(p + 1) * b]]
+                yield [(epoch, i) for i in order[p * b:(p + 1) * b][self.shard]]
             epoch, pos = epoch + 1, 0
 
 
@@ -230,9 +232,10 @@ class Data:
                             f"than data.max_skip_fraction={limit} (e.g. {first}); fix or remove them, "
                             "or raise data.max_skip_fraction")
 
-    def train_batches(self, start_step: int = 0, batch_size: int | None = None
-                      ) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
-        """Endless (step, epoch, images, labels) from global step `start_step` on; see module doc."""
+    def train_batches(self, start_step: int = 0, batch_size: int | None = None,
+                      shard: slice = slice(None)) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """Endless (step, epoch, images, labels) from global step `start_step` on; see module doc.
+        `shard`: the slice of each global batch of `batch_size` to load (one data-parallel rank's)."""
         b = batch_size or self.cfg.batch_size
         spe = self.steps_per_epoch(b)
         if spe < 1:
@@ -241,7 +244,7 @@ class Data:
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}")
         loader = DataLoader(TrainItems(self.train, self.train_transform, self.seed),
-                            batch_sampler=BatchStream(len(self.train), b, self.seed, start_step),
+                            batch_sampler=BatchStream(len(self.train), b, self.seed, start_step, shard),
                             collate_fn=collate, **self._loader_kwargs())
         step = start_step
         for x, y, bad in loader:
@@ -252,15 +255,20 @@ class Data:
             yield step, step // spe, x, y
             step += 1
 
-    def eval_loader(self, split: str, batch_size: int | None = None) -> EvalLoader | None:
+    def eval_loader(self, split: str, batch_size: int | None = None,
+                    shard: tuple[int, int] = (0, 1)) -> EvalLoader | None:
         """(images, labels) batches of `split` ("minival", "test" or "train", without augmentation),
-        in order, last batch partial; None when the split does not exist."""
+        in order, last batch partial; None when the split does not exist. `shard=(rank, size)`:
+        only the items rank, rank + size, ... (data-parallel evaluation; sum the counts)."""
         sources = {"train": self.train, "minival": self.minival, "test": self.test}
         if split not in sources:
             raise ValueError(f"unknown split {split!r}; use one of {sorted(sources)}")
         source = sources[split]
         if source is None or not len(source):
             return None
+        rank, size = shard
+        if size > 1:
+            source = View(source, range(rank, len(source), size))
         return EvalLoader(self, split, source, batch_size or self.cfg.eval_batch_size)
 
     def __repr__(self) -> str:

@@ -8,6 +8,7 @@ run resumed from its last checkpoint reproduces the uninterrupted run bit for bi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -20,7 +21,15 @@ import torch.nn.functional as F
 
 from vitscale.config import TrainConfig, dump_config, load_config
 from vitscale.errors import CheckpointError, UserError
-from vitscale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from vitscale.train import distributed
+from vitscale.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from vitscale.train.distributed import SINGLE, World, all_sum, world_from_env
 from vitscale.train.ema import EMA
 from vitscale.utils.io import atomic_write_text
 
@@ -35,6 +44,7 @@ class RunResult:
     step: int
     metrics: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0  # this process's time in fit(), evaluation and saving included
+    is_main: bool = True  # False in the other processes of a data-parallel run
 
 
 # ---------------------------------------------------------------------------------- pieces
@@ -74,7 +84,10 @@ def total_steps(cfg: TrainConfig, train_size: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: str) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: str,
+             world: World = SINGLE) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy over `loader`; with several processes each passes
+    its shard of the split and the counts are summed."""
     model.eval()
     correct = total = 0
     loss_sum = 0.0
@@ -85,7 +98,8 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: st
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()
         total += y.numel()
-    return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "n": total}
+    correct, total, loss_sum = all_sum([correct, total, loss_sum], world, device)
+    return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "n": int(total)}
 
 
 class MetricsLog:
@@ -129,7 +143,11 @@ def run(config: TrainConfig | str | Path | dict | None = None,
         cfg = config if not overrides else load_config(None, overrides, base=config)
     else:
         cfg = load_config(config, overrides)
-    return Trainer(cfg, resume=resume).fit()
+    trainer = Trainer(cfg, resume=resume)
+    try:
+        return trainer.fit()
+    finally:
+        distributed.shutdown(trainer.created_group)
 
 
 class Trainer:
@@ -139,12 +157,21 @@ class Trainer:
 
         self.cfg = cfg
         self.run_dir = Path(cfg.out_dir)
-        self.device = resolve_device(cfg.device)
-        torch.manual_seed(cfg.seed)
+        self.world = world_from_env()
+        self.device = distributed.device_for(self.world, resolve_device(cfg.device))
+        self.created_group = distributed.init(self.world, self.device)
+        torch.manual_seed(cfg.seed)  # the same initial weights in every process
         self.data = build_data(cfg.data, cfg.seed)
         self.model = build_model(cfg, self.data.num_classes).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
+        self.train_model: torch.nn.Module = self.model
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_model = DistributedDataParallel(self.model)
+            # Dropout / drop-path masks differ between processes, as between examples.
+            torch.manual_seed(cfg.seed * 1_000_003 + self.world.rank)
         self.total = total_steps(cfg, len(self.data.train))
         self.step = 0
         self.skipped_steps = 0
@@ -155,13 +182,20 @@ class Trainer:
             if not (ckpt / "state.json").is_file():
                 raise CheckpointError(f"{ckpt} is not a checkpoint folder (no state.json)")
             doc = load_checkpoint(ckpt, self.model, self.optimizer,
-                                  self.ema.module if self.ema else None)
+                                  self.ema.module if self.ema else None, restore_rng=False)
+            rngs = doc.get("rng_per_process", [doc["rng"]])
+            if len(rngs) != self.world.size:
+                raise CheckpointError(
+                    f"{ckpt} was written by a run of {len(rngs)} process(es) and this one has "
+                    f"{self.world.size}; resume with the same number to continue exactly")
+            set_rng_state(rngs[self.world.rank])
             self.step = doc["step"]
             self.skipped_steps = doc.get("skipped_steps", 0)
             self.best = doc.get("best", {})
             self.resumed_from = self.step
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
 
     # ------------------------------------------------------------------ one optimizer step
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
@@ -172,18 +206,27 @@ class Trainer:
         x, targets = mix_batch(x, y, self.data.num_classes, gen, self.data.mixup_alpha,
                                cfg.data.cutmix_alpha)
         x, targets = x.to(self.device), targets.to(self.device)
-        self.model.train()
+        model = self.train_model
+        model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = 0.0
-        for xs, ts in zip(x.chunk(cfg.accum_steps), targets.chunk(cfg.accum_steps)):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                enabled=cfg.precision == "bf16"):
-                logits = self.model(xs)
-            loss = loss_fn(logits, ts, cfg.loss, cfg.label_smoothing) / cfg.accum_steps
-            if not torch.isfinite(loss):
-                return None
-            loss.backward()
+        chunks = list(zip(x.chunk(cfg.accum_steps), targets.chunk(cfg.accum_steps)))
+        for i, (xs, ts) in enumerate(chunks):
+            # Under DDP, gradients are averaged across processes on the last micro-batch only.
+            sync = i == len(chunks) - 1 or not self.world.distributed
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                    enabled=cfg.precision == "bf16"):
+                    logits = model(xs)
+                loss = loss_fn(logits, ts, cfg.loss, cfg.label_smoothing) / cfg.accum_steps
+                if not torch.isfinite(loss) and not self.world.distributed:
+                    return None  # every process must join the backward pass under DDP
+                loss.backward()
             total_loss += loss.item()
+        # The mean over processes: the loss of the global batch, and the same verdict everywhere.
+        total_loss = all_sum([total_loss], self.world, self.device)[0] / self.world.size
+        if not math.isfinite(total_loss):
+            return None
         if cfg.optim.grad_clip:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
             if not torch.isfinite(norm):
@@ -199,16 +242,18 @@ class Trainer:
 
         cfg = self.cfg
         started = time.perf_counter()
-        log = MetricsLog(self.run_dir, self.resumed_from)
+        main = self.world.is_main
+        log = MetricsLog(self.run_dir, self.resumed_from) if main else None
         per_epoch = max(len(self.data.train) // cfg.data.batch_size, 1)
         eval_every = cfg.eval_every or per_epoch
         ckpt_every = cfg.ckpt_every or per_epoch
-        progress = _Progress(cfg.progress, self.total, self.step)
+        progress = _Progress(cfg.progress and main, self.total, self.step)
         window_start, window_images = time.perf_counter(), 0
         last: dict[str, Any] = {}
         try:
-            for step, _epoch, x, y in self.data.train_batches(start_step=self.step,
-                                                              batch_size=cfg.data.batch_size):
+            batches = self.data.train_batches(start_step=self.step, batch_size=cfg.data.batch_size,
+                                              shard=self.world.shard(cfg.data.batch_size))
+            for step, _epoch, x, y in batches:
                 if step >= self.total:
                     break
                 self.step = step
@@ -222,7 +267,7 @@ class Trainer:
                     self.skipped_steps += 1
                     self.optimizer.zero_grad(set_to_none=True)
                 self.step = step + 1
-                window_images += x.shape[0]
+                window_images += cfg.data.batch_size
                 done = self.step
                 if done % cfg.log_every == 0 or done == self.total:
                     now = time.perf_counter()
@@ -232,33 +277,37 @@ class Trainer:
                                 images_per_s=window_images / max(now - window_start, 1e-9),
                                 skipped_steps=self.skipped_steps,
                                 skipped_images=self.data.skipped)
-                    log.write(last)
+                    _write(log, last)
                     window_start, window_images = now, 0
                 progress.update(done, last)
                 if done % eval_every == 0 or done == self.total:
                     record = self._evaluate("minival", done)
                     self._track_best(record)
-                    log.write(record)
+                    _write(log, record)
                 if done % ckpt_every == 0 or done == self.total:
                     self._save()
             final = self._evaluate("test", self.step)
             final.update({f"best/{k}": v for k, v in self.best.items()})
-            log.write(final)
+            _write(log, final)
         finally:
             progress.close()
-            log.close()
-        from vitscale.models import save
+            if log is not None:
+                log.close()
+        if main:
+            from vitscale.models import save
 
-        save(self.model, self.run_dir / "model")
-        if self.ema is not None:
-            save(self.ema.module, self.run_dir / "model_ema")
+            save(self.model, self.run_dir / "model")
+            if self.ema is not None:
+                save(self.ema.module, self.run_dir / "model_ema")
+            if self.data.skipped:
+                print(f"skipped {self.data.skipped} unreadable images")
+        distributed.barrier(self.world)
         result = {k: v for k, v in final.items() if isinstance(v, (int, float))}
-        if self.data.skipped:
-            print(f"skipped {self.data.skipped} unreadable images")
-        return RunResult(self.run_dir, self.step, result, time.perf_counter() - started)
+        return RunResult(self.run_dir, self.step, result, time.perf_counter() - started, main)
 
     def _evaluate(self, split: str, step: int) -> dict[str, Any]:
-        loader = self.data.eval_loader(split, self.cfg.data.eval_batch_size)
+        loader = self.data.eval_loader(split, self.cfg.data.eval_batch_size,
+                                       shard=(self.world.rank, self.world.size))
         per_epoch = max(len(self.data.train) // self.cfg.data.batch_size, 1)
         record: dict[str, Any] = {"step": step, "epoch": round(step / per_epoch, 4),
                                   "images_seen": step * self.cfg.data.batch_size, "split": split}
@@ -267,7 +316,7 @@ class Trainer:
         for prefix, model in (("", self.model), ("ema/", self.ema.module if self.ema else None)):
             if model is None:
                 continue
-            metrics = evaluate(model, loader, self.device, self.cfg.precision)
+            metrics = evaluate(model, loader, self.device, self.cfg.precision, self.world)
             record[f"{prefix}{split}/accuracy"] = metrics["accuracy"]
             record[f"{prefix}{split}/loss"] = metrics["loss"]
         return record
@@ -282,8 +331,19 @@ class Trainer:
 
     def _save(self) -> None:
         state = {"skipped_steps": self.skipped_steps, "best": self.best}
-        save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
-                        ema=self.ema.module if self.ema else None, keep=self.cfg.keep_checkpoints)
+        rngs = distributed.gather_objects(rng_state(), self.world)
+        if self.world.distributed:
+            state["rng_per_process"] = rngs  # each process resumes its own dropout stream
+        if self.world.is_main:
+            save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
+                            ema=self.ema.module if self.ema else None,
+                            keep=self.cfg.keep_checkpoints)
+        distributed.barrier(self.world)
+
+
+def _write(log: MetricsLog | None, record: dict[str, Any]) -> None:
+    if log is not None:  # only the main process logs
+        log.write(record)
 
 
 class _Progress:

@@ -111,7 +111,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from vitscale.train import run
 
-    result = run(args.config, args.overrides, resume=args.resume)
+    return _report_run(run(args.config, args.overrides, resume=args.resume))
+
+
+def _report_run(result) -> int:
     if not result.is_main:  # data-parallel: rank 0 reports
         return 0
     print(f"run directory: {result.run_dir} ({result.step} steps, {result.wall_s:.0f} s)")
@@ -122,6 +125,120 @@ def cmd_train(args: argparse.Namespace) -> int:
     if acc is not None:
         print(f"test accuracy: {acc:.4f}")  # the last line, for scripts
     return 0
+
+
+# ---------------------------------------------------------------------------------- evaluation
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str, what: str) -> list[int]:
+    values = _floats(text, what)
+    if any(v != int(v) for v in values):
+        raise ConfigError(f"{what}: expected comma-separated integers, got {text!r}")
+    return [int(v) for v in values]
+
+
+def _cache(args: argparse.Namespace):
+    from vitscale.eval import FeatureCache
+
+    return FeatureCache(args.cache_dir, enabled=not args.no_cache)
+
+
+def _table(titles: list[str], rows: list[list[Any]]) -> None:
+    table = [titles] + [[_fmt(c) if not isinstance(c, str) else c for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(titles))]
+    for j, row in enumerate(table):
+        print("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vitscale.eval import evaluate_checkpoint
+
+    m = evaluate_checkpoint(args.checkpoint, args.data, img_size=args.img_size, split=args.split,
+                            batch_size=args.batch_size, reliability_png=args.reliability or None,
+                            loss=args.loss)
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    print(f"{m['checkpoint']} on {m['data']} ({m['split']}, {m['n']} images, {m['img_size']} px)")
+    print(f"top-1 {m['top1']:.4f}  top-5 {m['top5']:.4f}  ECE (15 bins) {m['ece']:.4f}  "
+          f"{m['images_per_s']:.0f} images/s")
+    _table(["class", "accuracy"], [[str(k), v] for k, v in m["per_class"].items()])
+    if "reliability_png" in m:
+        print(f"reliability diagram: {m['reliability_png']}")
+    return 0
+
+
+def cmd_fewshot(args: argparse.Namespace) -> int:
+    from vitscale.eval import fewshot_checkpoint
+
+    out = fewshot_checkpoint(args.checkpoint, args.data, shots=_ints(args.shots, "--shots"),
+                             seeds=args.seeds, l2=_floats(args.l2, "--l2"), img_size=args.img_size,
+                             cache=_cache(args))
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"few-shot linear regression on {out['data']}: {out['num_train']} train / "
+          f"{out['num_test']} test features ({out['features_s']:.1f} s), {args.seeds} draws each")
+    _table(["shots", "l2", "accuracy", "std", "per draw"],
+           [[str(r["shots"]), r["l2"], r["mean"], r["std"],
+             " ".join(f"{a:.3f}" for a in r["accuracies"])] for r in out["results"]])
+    return 0
+
+
+def cmd_linear_probe(args: argparse.Namespace) -> int:
+    from vitscale.eval import linear_probe_checkpoint
+
+    res = linear_probe_checkpoint(args.checkpoint, args.data, wds=_floats(args.wd, "--wd"),
+                                  img_size=args.img_size, cache=_cache(args))
+    if args.json:
+        print(json.dumps(res.as_dict(), indent=2))
+        return 0
+    _table(["weight decay", "minival accuracy"],
+           [[f"{wd:g}" + (" *" if wd == res.wd else ""), acc] for wd, acc in res.sweep.items()])
+    print(f"linear probe test accuracy: {res.test_accuracy:.4f} (weight decay {res.wd:g})")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from vitscale.eval import finetune
+
+    result = finetune(args.checkpoint, args.data, img_size=args.img_size, config=args.config,
+                      overrides=args.overrides, keep_head=args.keep_head)
+    return _report_run(result)
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from vitscale.eval import finetune, rank_checkpoints
+
+    rows = rank_checkpoints(args.checkpoints, args.data, by=args.by, shots=args.shots,
+                            cache=_cache(args))
+    _table(["rank", "checkpoint", "model", "params (M)", "metric", "score"],
+           [[str(i + 1), r["checkpoint"], r["model"], r["params"] / 1e6, r["metric"], r["score"]]
+            for i, r in enumerate(rows)])
+    best = rows[0]["checkpoint"]
+    if args.no_finetune:
+        print(f"best: {best}")
+        return 0
+    print(f"fine-tuning the best, {best}")
+    return _report_run(finetune(best, args.data, img_size=args.img_size, overrides=args.overrides))
+
+
+def _add_data_args(p: argparse.ArgumentParser, cache: bool = True) -> None:
+    p.add_argument("checkpoint", help="any checkpoint `vitscale convert` reads, or a run directory")
+    p.add_argument("--data", required=True, help="data source: digits, imagefolder:PATH, hf:NAME, ...")
+    p.add_argument("--img-size", type=int, help="evaluate at this resolution (posemb resampled)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    if cache:
+        p.add_argument("--cache-dir", help="feature cache (default ~/.cache/vitscale/features or "
+                       "$VITSCALE_CACHE/features)")
+        p.add_argument("--no-cache", action="store_true", help="do not read or write cached features")
 
 
 # ---------------------------------------------------------------------------------- main
@@ -167,6 +284,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="a checkpoint folder to resume from (default: the latest "
                    "checkpoint in out_dir, if any)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="top-1/top-5, per-class accuracy, calibration (ECE) of a checkpoint")
+    _add_data_args(p, cache=False)
+    p.add_argument("--split", choices=("test", "minival", "train"), help="default: test, else minival")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--reliability", default="reliability.png", metavar="PNG",
+                   help="reliability diagram to write ('' for none; default reliability.png)")
+    p.add_argument("--loss", choices=("softmax", "sigmoid"), default="softmax",
+                   help="how the head was trained: confidence is max softmax or max sigmoid")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("fewshot", help="few-shot linear regression on frozen features (big_vision)")
+    _add_data_args(p)
+    p.add_argument("--shots", default="1,5,10,25", help="comma-separated, default 1,5,10,25")
+    p.add_argument("--seeds", type=int, default=3, help="random draws of the shots (default 3)")
+    p.add_argument("--l2", default="1024", help="ridge regularisation, comma-separated to sweep")
+    p.set_defaults(func=cmd_fewshot)
+
+    p = sub.add_parser("linear-probe", help="logistic regression on frozen features, wd swept on minival")
+    _add_data_args(p)
+    p.add_argument("--wd", default="1e-6,1e-5,1e-4,1e-3,1e-2,1e-1", help="weight decays to sweep")
+    p.set_defaults(func=cmd_linear_probe)
+
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint (new zero head, posemb resampled)",
+                       description="The ViT paper's recipe unless overridden: SGD momentum 0.9, "
+                       "no weight decay, warmup + cosine, clipping at 1, Polyak averaging.")
+    _add_data_args(p, cache=False)
+    p.add_argument("--config", help="YAML with fine-tuning settings (applied over the defaults)")
+    p.add_argument("--keep-head", action="store_true", help="keep the head (same classes)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="as for vitscale train")
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("select", help="rank checkpoints by upstream validation, fine-tune the best")
+    p.add_argument("checkpoints", nargs="+")
+    p.add_argument("--data", required=True)
+    p.add_argument("--by", choices=("auto", "minival", "fewshot"), default="auto",
+                   help="auto: the head's minival accuracy when classes match, else few-shot")
+    p.add_argument("--shots", type=int, default=10)
+    p.add_argument("--img-size", type=int, help="fine-tuning resolution")
+    p.add_argument("--no-finetune", action="store_true", help="only rank")
+    p.add_argument("--cache-dir")
+    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="fine-tuning overrides")
+    p.set_defaults(func=cmd_select)
     return parser
 
 
@@ -178,7 +339,14 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # KEY=VALUE overrides may follow options (`finetune CKPT --data X steps=10`), which
+        # argparse does not take into a positional list once that list was passed.
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*(args.overrides or []), *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

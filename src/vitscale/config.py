@@ -262,6 +262,9 @@ def validate_TrainConfig(cfg: TrainConfig) -> None:  # noqa: N802 - looked up by
         if not ok:
             raise ConfigError(f"{key}={_get(cfg, key)!r} {message}")
     # The model must be buildable at the data resolution (e.g. img_size divisible by patch).
+    # With model.init the checkpoint's own config decides, checked when it is loaded.
+    if cfg.model.init:
+        return
     try:
         cfg.model.build_config(num_classes=1, img_size=cfg.data.img_size)
     except ConfigError as exc:

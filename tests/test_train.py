@@ -53,8 +53,9 @@ def test_run_directory_metrics_and_learning(tmp_path):
     rows = records(tmp_path)
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == list(range(2, 101, 2))
-    for key in ("epoch", "images_seen", "lr", "loss", "images_per_s"):
+    for key in ("epoch", "images_seen", "lr", "loss", "accuracy", "images_per_s"):
         assert key in train_rows[0], key
+    assert train_rows[-1]["accuracy"] > train_rows[0]["accuracy"]  # on the training batches
     assert train_rows[-1]["images_seen"] == 100 * 32
     evals = [r for r in rows if r.get("split") == "minival"]
     assert [r["step"] for r in evals] == [50, 100]

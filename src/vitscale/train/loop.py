@@ -198,7 +198,9 @@ class Trainer:
             atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
 
     # ------------------------------------------------------------------ one optimizer step
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> float | None:
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int] | None:
+        """One optimizer step on the global batch: (mean loss, examples whose top logit is the
+        dominant target class), or None when the loss or gradient is not finite."""
         from vitscale.data.mixing import mix_batch
 
         cfg = self.cfg
@@ -209,7 +211,7 @@ class Trainer:
         model = self.train_model
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total_loss = 0.0
+        total_loss, correct = 0.0, 0
         chunks = list(zip(x.chunk(cfg.accum_steps), targets.chunk(cfg.accum_steps)))
         for i, (xs, ts) in enumerate(chunks):
             # Under DDP, gradients are averaged across processes on the last micro-batch only.
@@ -223,8 +225,10 @@ class Trainer:
                     return None  # every process must join the backward pass under DDP
                 loss.backward()
             total_loss += loss.item()
-        # The mean over processes: the loss of the global batch, and the same verdict everywhere.
-        total_loss = all_sum([total_loss], self.world, self.device)[0] / self.world.size
+            correct += int((logits.argmax(-1) == ts.argmax(-1)).sum())
+        # Over processes: the loss of the global batch, and the same verdict everywhere.
+        total_loss, correct = all_sum([total_loss, correct], self.world, self.device)
+        total_loss /= self.world.size
         if not math.isfinite(total_loss):
             return None
         if cfg.optim.grad_clip:
@@ -234,7 +238,7 @@ class Trainer:
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        return total_loss
+        return total_loss, int(correct)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> RunResult:
@@ -248,7 +252,7 @@ class Trainer:
         eval_every = cfg.eval_every or per_epoch
         ckpt_every = cfg.ckpt_every or per_epoch
         progress = _Progress(cfg.progress and main, self.total, self.step)
-        window_start, window_images = time.perf_counter(), 0
+        window_start, window_images, window_correct = time.perf_counter(), 0, 0
         last: dict[str, Any] = {}
         try:
             batches = self.data.train_batches(start_step=self.step, batch_size=cfg.data.batch_size,
@@ -258,8 +262,9 @@ class Trainer:
                     break
                 self.step = step
                 lr = apply_lr(self.optimizer, step, self.total, cfg.optim.lr, cfg.schedule)
-                loss = self._train_step(x, y)
-                if loss is None:
+                outcome = self._train_step(x, y)
+                loss = outcome[0] if outcome is not None else None
+                if outcome is None:
                     if cfg.on_nonfinite == "stop":
                         raise TrainingError(
                             f"non-finite loss or gradient at step {step}; lower optim.lr, enable "
@@ -268,17 +273,19 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                 self.step = step + 1
                 window_images += cfg.data.batch_size
+                window_correct += outcome[1] if outcome is not None else 0
                 done = self.step
                 if done % cfg.log_every == 0 or done == self.total:
                     now = time.perf_counter()
                     last = dict(step=done, epoch=round(done / per_epoch, 4),
                                 images_seen=done * cfg.data.batch_size, lr=lr,
                                 loss=loss if loss is not None else float("nan"),
+                                accuracy=window_correct / max(window_images, 1),
                                 images_per_s=window_images / max(now - window_start, 1e-9),
                                 skipped_steps=self.skipped_steps,
                                 skipped_images=self.data.skipped)
                     _write(log, last)
-                    window_start, window_images = now, 0
+                    window_start, window_images, window_correct = now, 0, 0
                 progress.update(done, last)
                 if done % eval_every == 0 or done == self.total:
                     record = self._evaluate("minival", done)

@@ -235,3 +235,15 @@ def test_two_process_data_parallel_equals_one_process(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0
     assert "data.batch_size=34 must be divisible by accum_steps=2 x 2 processes" in bad.stderr
+
+
+def test_periodic_fewshot_evaluator(tmp_path):
+    run(tiny(tmp_path, "steps=20", "evals.fewshot.every=10", "evals.fewshot.shots=[1,5]",
+             "evals.fewshot.seeds=2"))
+    rows = [r for r in records(tmp_path) if r.get("split") == "fewshot"]
+    assert [r["step"] for r in rows] == [10, 20]
+    for r in rows:
+        assert 0.0 <= r["fewshot/1shot"] <= 1.0 and 0.0 <= r["fewshot/5shot"] <= 1.0
+        assert r["fewshot/5shot_std"] >= 0.0 and "images_seen" in r
+    with pytest.raises(ConfigError, match=r"evals.fewshot.shots\[1\]: expected an integer"):
+        tiny(tmp_path, "evals.fewshot.shots=[1,x]")

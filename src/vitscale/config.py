@@ -79,11 +79,29 @@ class ScheduleConfig:
 
 
 @dataclass
+class FewshotEvalConfig:
+    """Few-shot linear regression on the pooled features during training (big_vision's
+    fewshot evaluator): every `every` steps and at the end, written to metrics.jsonl."""
+
+    every: int | None = None  # steps; None: off
+    source: str | None = None  # None: the training data (its train split and test split)
+    shots: list[int] = field(default_factory=lambda: [1, 5, 10])
+    seeds: int = 3
+    l2: float = 1024.0
+
+
+@dataclass
+class EvalsConfig:
+    fewshot: FewshotEvalConfig = field(default_factory=FewshotEvalConfig)
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    evals: EvalsConfig = field(default_factory=EvalsConfig)
     seed: int = 0
     epochs: float = 10.0
     steps: int | None = None  # overrides epochs when set
@@ -135,6 +153,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         _, vtp = typing.get_args(tp)
         return {str(k): _coerce(v, vtp, f"{key}.{k}") for k, v in value.items()}
+    if origin is list:
+        (etp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, etp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -256,6 +279,10 @@ def validate_TrainConfig(cfg: TrainConfig) -> None:  # noqa: N802 - looked up by
         (cfg.schedule.decay in ("cosine", "linear", "rsqrt", "constant"), "schedule.decay",
          "must be cosine, linear, rsqrt or constant"),
         (cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1"),
+        ((cfg.evals.fewshot.every or 0) >= 0, "evals.fewshot.every", "must be >= 0"),
+        (all(k >= 1 for k in cfg.evals.fewshot.shots), "evals.fewshot.shots",
+         "must all be >= 1"),
+        (cfg.evals.fewshot.seeds >= 1, "evals.fewshot.seeds", "must be >= 1"),
         (cfg.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda"),
     ]
     for ok, key, message in checks:

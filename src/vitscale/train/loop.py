@@ -176,6 +176,7 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.best: dict[str, float] = {}
+        self._fewshot_data = None  # built on first use
         ckpt = Path(resume) if resume else latest_checkpoint(self.run_dir)
         self.resumed_from: int | None = None
         if ckpt is not None:
@@ -291,6 +292,9 @@ class Trainer:
                     record = self._evaluate("minival", done)
                     self._track_best(record)
                     _write(log, record)
+                fewshot_every = cfg.evals.fewshot.every
+                if fewshot_every and (done % fewshot_every == 0 or done == self.total):
+                    _write(log, self._fewshot(done))
                 if done % ckpt_every == 0 or done == self.total:
                     self._save()
             final = self._evaluate("test", self.step)
@@ -315,9 +319,7 @@ class Trainer:
     def _evaluate(self, split: str, step: int) -> dict[str, Any]:
         loader = self.data.eval_loader(split, self.cfg.data.eval_batch_size,
                                        shard=(self.world.rank, self.world.size))
-        per_epoch = max(len(self.data.train) // self.cfg.data.batch_size, 1)
-        record: dict[str, Any] = {"step": step, "epoch": round(step / per_epoch, 4),
-                                  "images_seen": step * self.cfg.data.batch_size, "split": split}
+        record = self._record(step, split)
         if loader is None:
             return record
         for prefix, model in (("", self.model), ("ema/", self.ema.module if self.ema else None)):
@@ -327,6 +329,35 @@ class Trainer:
             record[f"{prefix}{split}/accuracy"] = metrics["accuracy"]
             record[f"{prefix}{split}/loss"] = metrics["loss"]
         return record
+
+    def _fewshot(self, step: int) -> dict[str, Any]:
+        """Few-shot accuracies of the current weights (computed by the main process)."""
+        from vitscale.eval.api import fewshot_model
+
+        fs = self.cfg.evals.fewshot
+        record = self._record(step, "fewshot")
+        if self.world.is_main:
+            if self._fewshot_data is None:
+                self._fewshot_data = self.data
+                if fs.source and fs.source != self.cfg.data.source:
+                    from vitscale.config import DataConfig
+                    from vitscale.data import build_data
+
+                    self._fewshot_data = build_data(DataConfig(
+                        source=fs.source, root=self.cfg.data.root, img_size=self.cfg.data.img_size,
+                        augment="none", eval_batch_size=self.cfg.data.eval_batch_size), self.cfg.seed)
+            out = fewshot_model(self.model, self._fewshot_data, fs.shots, fs.seeds, fs.l2,
+                                device=self.device)
+            for r in out["results"]:
+                record[f"fewshot/{r['shots']}shot"] = r["mean"]
+                record[f"fewshot/{r['shots']}shot_std"] = r["std"]
+        distributed.barrier(self.world)
+        return record
+
+    def _record(self, step: int, split: str) -> dict[str, Any]:
+        per_epoch = max(len(self.data.train) // self.cfg.data.batch_size, 1)
+        return {"step": step, "epoch": round(step / per_epoch, 4),
+                "images_seen": step * self.cfg.data.batch_size, "split": split}
 
     def _track_best(self, record: dict[str, Any]) -> None:
         """Remember the best minival accuracy (raw or EMA weights) and its step: model selection

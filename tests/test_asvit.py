@@ -1,0 +1,121 @@
+"""As-ViT topology: arch strings, published sizes, analytic counts, re-tokenization, stages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from vitscale.errors import ConfigError
+from vitscale.models.asvit import (
+    SEED,
+    AsViTConfig,
+    asvit_config,
+    asvit_counts,
+    create_asvit,
+    same_padding,
+    stage_grids,
+)
+
+
+def test_arch_strings_round_trip():
+    large = asvit_config("asvit-large")
+    assert large.kernels == (8, 4, 4, 4) and large.splits == (2, 1, 1, 1)
+    assert large.expansions == (3, 2, 4, 6) and large.depths == (5, 2, 5, 2)
+    assert large.heads == 32 and large.width == 180
+    assert large.widths == (180, 360, 720, 1024) and large.stage_heads == (4, 8, 16, 32)
+    assert AsViTConfig.from_arch(large.arch()) == large.replace(name="asvit")
+    seed = AsViTConfig.from_arch(SEED)
+    assert seed.depths == (1, 1, 1, 1) and seed.width == 32
+    for bad in ("8,2,3|4,1,2|4,1,4|32", "8,2|4,1,2|4,1,4|4,1,6|32", "a,2,3|4,1,2|4,1,4|4,1,6|32"):
+        with pytest.raises(ConfigError, match="bad As-ViT topology"):
+            AsViTConfig.from_arch(bad)
+    with pytest.raises(ConfigError, match="unknown As-ViT model"):
+        asvit_config("asvit-huge")
+    with pytest.raises(ConfigError, match="not divisible by its"):
+        AsViTConfig.from_arch("8,2,3|4,1,2|4,1,4|4,1,6|64,36")
+
+
+def test_published_sizes():
+    # The public code's seed at C = 32 and As-ViT Large; the paper reports Large at 88.1M
+    # parameters and 22.6 G (multiply-accumulates) at 224 px.
+    seed = asvit_counts(asvit_config("asvit-seed"))
+    assert seed.params == 2_319_624
+    large = asvit_counts(asvit_config("asvit-large"))
+    assert large.params == 87_580_820
+    assert abs(large.params / 88.1e6 - 1) < 0.02
+    assert abs(large.flops / 2 / 22.6e9 - 1) < 0.02
+
+
+@pytest.mark.parametrize("img, stride, dilation, arch", [
+    (224, 4, 1, SEED),
+    (200, 4, 1, "5,4,2|3,2,3|2,2,4|3,1,5|16,16"),  # grids 50/25/13/7: padded windows
+    (64, 8, 2, "4,8,2,2|4,4,3,1|2,2,2,1|4,1,2,1|16,16"),  # re-tokenized
+])
+def test_counts_equal_numel_and_flop_counter(img, stride, dilation, arch):
+    model = create_asvit(AsViTConfig.from_arch(arch, num_classes=10)).eval()
+    model.set_tokenizer(stride, dilation)
+    counts = asvit_counts(model.cfg, img, stride=stride)
+    assert counts.params == sum(p.numel() for p in model.parameters())
+    # The math SDPA kernel shows its matmuls to the counter; CPU flash attention does not.
+    with FlopCounterMode(display=False) as fc, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(torch.randn(1, 3, img, img))
+    assert counts.flops == fc.get_total_flops()
+
+
+def test_same_padding_matches_the_public_code():
+    # Tokenizer (stride 4): (K-4)//2 before, (K-3)//2 after; re-embedding (stride 2): (K-2)//2,
+    # (K-1)//2, on even sizes.
+    for k in (4, 5, 6, 7, 8):
+        assert same_padding(224, k, 4) == ((k - 4) // 2, (k - 3) // 2)
+    for k in (2, 3, 4):
+        assert same_padding(56, k, 2) == ((k - 2) // 2, (k - 1) // 2)
+
+
+def test_window_attention_equals_global_attention_per_window():
+    torch.manual_seed(0)
+    model = create_asvit(AsViTConfig.from_arch("4,2,2|2,1,2|2,1,2|2,1,2|8,8", num_classes=3))
+    attn = model.stages[0][0].attn
+    x = torch.randn(2, 6, 6, 8)  # split 2 -> four 3x3 windows
+    out = attn(x)
+    split_s = attn.split
+    attn.split = 1
+    for i in (0, 3):
+        for j in (0, 3):
+            torch.testing.assert_close(out[:, i:i + 3, j:j + 3], attn(x[:, i:i + 3, j:j + 3]))
+    attn.split = split_s
+    # A 5x5 grid with split 2: windows of 3 padded to 6x6, padding masked out of attention.
+    y = torch.randn(1, 5, 5, 8)
+    out = attn(y)
+    attn.split = 1
+    torch.testing.assert_close(out[:, :3, :3], attn(y[:, :3, :3]))
+    torch.testing.assert_close(out[:, 3:, 3:], attn(y[:, 3:, 3:]))
+
+
+def test_retokenization_keeps_weights_and_follows_the_grid():
+    model = create_asvit(AsViTConfig.from_arch(SEED, num_classes=10)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 128, 128)
+    shapes = {}
+    for stride, dilation in ((16, 5), (8, 2), (4, 1)):
+        model.set_tokenizer(stride, dilation)
+        stages = model.forward_features(x, return_stages=True)
+        shapes[(stride, dilation)] = [tuple(s.shape[-2:]) for s in stages]
+        assert model(x).shape == (2, 10)
+    assert shapes[(16, 5)] == [(8, 8), (4, 4), (2, 2), (1, 1)]
+    assert shapes[(4, 1)] == [(32, 32), (16, 16), (8, 8), (4, 4)]
+    assert [g for g in stage_grids(model.cfg, 128, stride=8)] == shapes[(8, 2)]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ConfigError, match="stride and dilation"):
+        model.set_tokenizer(0)
+
+
+def test_stage_features_and_training_step():
+    model = create_asvit(AsViTConfig.from_arch(SEED, width=16, num_classes=5, drop_path=0.1))
+    x = torch.randn(2, 3, 64, 64)
+    feats = model.forward_features(x, return_stages=True)
+    assert [f.shape[1] for f in feats] == [16, 32, 64, 128]
+    assert model.forward_pooled(x).shape == (2, 128)
+    model(x).logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -305,6 +305,11 @@ class AsViT(nn.Module):
     def forward_pooled(self, x: torch.Tensor) -> torch.Tensor:
         return self.pre_logits(self.forward_features(x).mean(dim=1))
 
+    def forward_prenorm_pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """Final-stage tokens averaged before the final norm and head: what As-ViT's
+        complexity measures (L^E, NTK condition number) look at."""
+        return self._stages(x)[-1].flatten(1, 2).mean(dim=1)
+
     def forward_head(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.head(pooled)
 

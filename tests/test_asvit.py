@@ -26,6 +26,7 @@ def test_arch_strings_round_trip():
     assert large.heads == 32 and large.width == 180
     assert large.widths == (180, 360, 720, 1024) and large.stage_heads == (4, 8, 16, 32)
     assert AsViTConfig.from_arch(large.arch()) == large.replace(name="asvit")
+    assert asvit_config(large.arch()).name == f"asvit:{large.arch()}"
     seed = AsViTConfig.from_arch(SEED)
     assert seed.depths == (1, 1, 1, 1) and seed.width == 32
     for bad in ("8,2,3|4,1,2|4,1,4|32", "8,2|4,1,2|4,1,4|4,1,6|32", "a,2,3|4,1,2|4,1,4|4,1,6|32"):
@@ -119,3 +120,22 @@ def test_stage_features_and_training_step():
     assert model.forward_pooled(x).shape == (2, 128)
     model(x).logsumexp(-1).mean().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_train_save_load_and_evaluate_an_asvit(tmp_path):
+    from vitscale.config import load_config
+    from vitscale.eval import evaluate_checkpoint
+    from vitscale.models import load
+    from vitscale.train import run
+
+    cfg = load_config(None, ["model.name=asvit:4,2,2|2,1,2|2,1,2|2,1,2|8,16", "data.img_size=32",
+                             "data.batch_size=32", "steps=4", "progress=false",
+                             "model.overrides.drop_path=0.1", f"out_dir={tmp_path}"])
+    result = run(cfg)
+    model = load(tmp_path / "model")
+    assert type(model).__name__ == "AsViT" and model.cfg.kernels == (4, 2, 2, 2)
+    assert model.cfg.num_classes == 10 and model.cfg.drop_path == 0.1
+    m = evaluate_checkpoint(tmp_path, "digits", reliability_png=None)
+    assert m["top1"] == pytest.approx(result.metrics["test/accuracy"])
+    with pytest.raises(ConfigError, match="model.overrides"):
+        load_config(None, ["model.name=asvit-seed", "model.overrides.pool=gap"])

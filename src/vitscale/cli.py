@@ -230,6 +230,23 @@ def cmd_select(args: argparse.Namespace) -> int:
     return _report_run(finetune(best, args.data, img_size=args.img_size, overrides=args.overrides))
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from vitscale.search.reinforce import SearchSettings, random_topologies, run_search
+
+    settings = SearchSettings(steps=args.steps, img_size=args.img_size, width=args.width,
+                              batch=args.batch, repeats=args.repeats, n_theta=args.n_theta,
+                              seed=args.seed, data=args.data)
+    if args.random:
+        rows = random_topologies(args.random, settings, args.out)
+        print(f"{len(rows)} random topologies: {args.out}/random.json, "
+              f"{args.out}/random_topology.yaml")
+        return 0
+    result = run_search(settings, args.out)
+    print(f"searched topology: {result.topology.arch()}")
+    print(f"train it: vitscale train --config {result.out_dir / 'topology.yaml'} data.source=...")
+    return 0
+
+
 def _add_data_args(p: argparse.ArgumentParser, cache: bool = True) -> None:
     p.add_argument("checkpoint", help="any checkpoint `vitscale convert` reads, or a run directory")
     p.add_argument("--data", required=True, help="data source: digits, imagefolder:PATH, hf:NAME, ...")
@@ -328,6 +345,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="fine-tuning overrides")
     p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("search", help="As-ViT training-free topology search (REINFORCE on L^E and "
+                       "NTK kappa at init)", description="Resumable: run the same command again "
+                       "(with more --steps) to continue. Writes search.json, search.png and "
+                       "topology.yaml (for vitscale train --config) into --out.")
+    p.add_argument("--out", default="runs/search", help="output folder (default runs/search)")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--img-size", type=int, default=64, help="candidate resolution (paper: 224)")
+    p.add_argument("--width", type=int, default=32, help="candidate width C (one block a stage)")
+    p.add_argument("--batch", type=int, default=16, help="images for the NTK")
+    p.add_argument("--repeats", type=int, default=3, help="initialisations per measure")
+    p.add_argument("--n-theta", type=int, default=10, help="points on the input circle")
+    p.add_argument("--data", default="digits", help="source of the NTK batch")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--random", type=int, metavar="N",
+                   help="instead: measure N uniformly random topologies (the paper's baseline)")
+    p.set_defaults(func=cmd_search)
     return parser
 
 

@@ -23,16 +23,19 @@ from vitscale.models.config import ModelConfig
 class ModelSection:
     """Which model to build: a named size plus ModelConfig field overrides, or a checkpoint."""
 
-    name: str = "Ti/16"  # a named size, e.g. "S/16", "R50+B/16"
+    name: str = "Ti/16"  # a named size ("S/16", "R50+B/16") or As-ViT ("asvit-large", "asvit:K,S,E|...")
     init: str | None = None  # checkpoint to start from (any format `vitscale convert` reads)
     reset_head: bool = True  # with `init`: a new zero-init head when the classes differ
     overrides: dict[str, Any] = field(default_factory=dict)  # any ModelConfig field
 
     def build_config(self, num_classes: int, img_size: int | tuple[int, int]) -> ModelConfig:
-        from vitscale.models import model_config
+        from vitscale.models.registry import any_config
 
         fields = {"num_classes": num_classes, "img_size": img_size, **self.overrides}
-        return model_config(self.name, **fields)
+        try:
+            return any_config(self.name, **fields)
+        except TypeError as exc:  # an As-ViT field that does not exist
+            raise ConfigError(f"model.overrides: {exc}") from None
 
 
 @dataclass

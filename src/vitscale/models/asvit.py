@@ -148,7 +148,7 @@ def asvit_config(name_or_arch: str, **overrides: Any) -> AsViTConfig:
     if "|" not in arch:
         raise ConfigError(f"unknown As-ViT model {name_or_arch!r}; choose one of "
                           f"{list(ASVIT_MODELS)} or write a topology string such as {SEED!r}")
-    overrides.setdefault("name", name_or_arch if name_or_arch in ASVIT_MODELS else "asvit")
+    overrides.setdefault("name", name_or_arch if name_or_arch in ASVIT_MODELS else f"asvit:{arch}")
     return AsViTConfig.from_arch(arch, **overrides)
 
 

@@ -97,15 +97,33 @@ def model_config(name: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def create_model(name_or_cfg: str | ModelConfig, **overrides: Any):
-    """Build a ViT: `create_model("B/16", num_classes=1000, img_size=224, pool="gap")`."""
+def is_asvit(name: str) -> bool:
+    return name.startswith("asvit")
+
+
+def any_config(name: str, **overrides: Any):
+    """The config of a named ViT size ("B/16") or As-ViT ("asvit-large", "asvit:K,S,E|...")."""
+    if is_asvit(name):
+        from vitscale.models.asvit import asvit_config
+
+        return asvit_config(name.removeprefix("asvit:"), **overrides)
+    return model_config(name, **overrides)
+
+
+def build(cfg):
+    """The module a config describes: a VisionTransformer or an As-ViT."""
+    from vitscale.models.asvit import AsViT, AsViTConfig
     from vitscale.models.vit import VisionTransformer
 
-    if isinstance(name_or_cfg, ModelConfig):
-        cfg = name_or_cfg.replace(**overrides) if overrides else name_or_cfg
-    else:
-        cfg = model_config(name_or_cfg, **overrides)
-    return VisionTransformer(cfg)
+    return AsViT(cfg) if isinstance(cfg, AsViTConfig) else VisionTransformer(cfg)
+
+
+def create_model(name_or_cfg: Any, **overrides: Any):
+    """Build a model: `create_model("B/16", num_classes=1000, img_size=224, pool="gap")`,
+    `create_model("asvit-large")`, or from a ModelConfig / AsViTConfig."""
+    if isinstance(name_or_cfg, str):
+        return build(any_config(name_or_cfg, **overrides))
+    return build(name_or_cfg.replace(**overrides) if overrides else name_or_cfg)
 
 
 def list_models(patch: int | None = None) -> list[str]:

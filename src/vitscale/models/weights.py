@@ -38,7 +38,8 @@ def save(model: VisionTransformer, path: str | Path) -> Path:
     from safetensors.torch import save_file
 
     path = Path(path)
-    doc = json.dumps({"format": FORMAT, "version": 1, "model": model.cfg.to_dict()}, indent=2)
+    doc = json.dumps({"format": FORMAT, "version": 1, "family": _family(model.cfg),
+                      "model": model.cfg.to_dict()}, indent=2)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     weights = path if path.suffix == ".safetensors" else path / WEIGHTS_FILE
     atomic_write(weights, lambda p: save_file(tensors, str(p), metadata={METADATA_KEY: doc}))
@@ -47,9 +48,19 @@ def save(model: VisionTransformer, path: str | Path) -> Path:
     return path
 
 
+def _family(cfg: Any) -> str:
+    from vitscale.models.asvit import AsViTConfig
+
+    return "asvit" if isinstance(cfg, AsViTConfig) else "vit"
+
+
 def _read_own_config(doc: str, where: Path) -> ModelConfig:
     try:
         data = json.loads(doc)
+        if data.get("family", "vit") == "asvit":
+            from vitscale.models.asvit import AsViTConfig
+
+            return AsViTConfig(**data["model"])
         return ModelConfig.from_dict(data["model"])
     except ConfigError as exc:
         raise CheckpointError(f"{where}: bad model config ({exc})") from None
@@ -397,7 +408,9 @@ def load(path: str | Path, reset_head: bool | None = None, **overrides: Any) -> 
     dst = src.replace(**overrides) if overrides else src
     if reset_head is None:
         reset_head = dst.num_classes != src.num_classes
-    model = VisionTransformer(dst)
+    from vitscale.models.registry import build
+
+    model = build(dst)
     if reset_head and isinstance(model.head, torch.nn.Linear):
         torch.nn.init.zeros_(model.head.weight)
         torch.nn.init.zeros_(model.head.bias)

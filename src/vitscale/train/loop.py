@@ -67,13 +67,14 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor, kind: str, smoothing: f
 
 
 def build_model(cfg: TrainConfig, num_classes: int):
-    from vitscale.models import VisionTransformer, load
+    from vitscale.models import load
+    from vitscale.models.registry import build
 
     if cfg.model.init:
         overrides = dict(cfg.model.overrides)
         overrides.update(img_size=cfg.data.img_size, num_classes=num_classes)
         return load(cfg.model.init, reset_head=cfg.model.reset_head or None, **overrides)
-    return VisionTransformer(cfg.model.build_config(num_classes, cfg.data.img_size))
+    return build(cfg.model.build_config(num_classes, cfg.data.img_size))
 
 
 def total_steps(cfg: TrainConfig, train_size: int) -> int:

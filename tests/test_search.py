@@ -1,0 +1,58 @@
+"""`vitscale search`: REINFORCE over the As-ViT space, resumable, output a trainable config."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from vitscale.cli import main
+from vitscale.config import load_config
+from vitscale.errors import ConfigError
+from vitscale.search.reinforce import Policy, SearchSettings, normalised_change, run_search
+
+TINY = dict(img_size=32, width=8, batch=4, repeats=1, n_theta=4)
+
+
+def test_policy_starts_uniform_with_the_papers_entropy():
+    import torch
+
+    policy = Policy(torch.Generator().manual_seed(0))
+    # ln(5 * 3^3 * 3^2 * 2 * 5^4 * 3) = ln 4,556,250 = 15.33 nats, the paper's starting entropy.
+    assert policy.entropy() == pytest.approx(math.log(4_556_250), abs=1e-4)
+
+
+def test_normalised_change():
+    assert normalised_change([5.0], 20) == 0.0
+    assert normalised_change([1.0, 3.0, 2.0], 20) == pytest.approx(-1 / (2 + 1e-6))
+    assert normalised_change([100.0, 1.0, 3.0, 2.0], 3) == pytest.approx(-1 / (2 + 1e-6))
+
+
+def test_search_resumes_exactly_and_writes_a_trainable_topology(tmp_path):
+    full = run_search(SearchSettings(steps=4, **TINY), tmp_path / "full", log=lambda _: None)
+    run_search(SearchSettings(steps=2, **TINY), tmp_path / "split", log=lambda _: None)
+    resumed = run_search(SearchSettings(steps=4, **TINY), tmp_path / "split", log=lambda _: None)
+    strip = [{k: v for k, v in t.items() if k != "seconds"} for t in full.trajectory]
+    assert [{k: v for k, v in t.items() if k != "seconds"} for t in resumed.trajectory] == strip
+    assert resumed.topology == full.topology
+    entropies = [t["entropy"] for t in full.trajectory]
+    assert entropies[0] < math.log(4_556_250) + 1e-3 and len(set(entropies)) > 1
+    assert all(math.isfinite(t["kappa"]) and t["kappa"] >= 1 and t["length"] > 0 for t in strip)
+    assert (tmp_path / "full" / "search.png").read_bytes()[:4] == b"\x89PNG"
+    cfg = load_config(tmp_path / "full" / "topology.yaml", ["data.img_size=32"])
+    assert cfg.model.name == f"asvit:{full.topology.arch()}"
+    assert cfg.model.build_config(10, 32).kernels == full.topology.kernels
+    with pytest.raises(ConfigError, match="other settings .*width"):
+        run_search(SearchSettings(steps=5, **{**TINY, "width": 16}), tmp_path / "full")
+
+
+def test_search_cli_and_random_baseline(tmp_path, capsys):
+    args = ["--img-size", "32", "--width", "8", "--batch", "4", "--repeats", "1", "--n-theta", "4"]
+    assert main(["search", "--out", str(tmp_path), "--steps", "1", *args]) == 0
+    assert "searched topology:" in capsys.readouterr().out
+    assert main(["search", "--out", str(tmp_path), "--random", "2", *args]) == 0
+    rows = json.loads((tmp_path / "random.json").read_text())
+    assert len(rows) == 2 and (tmp_path / "random_topology.yaml").is_file()
+    assert main(["search", "--out", str(tmp_path), "--img-size", "30"]) == 2
+    assert "multiple of 32" in capsys.readouterr().err

@@ -247,6 +247,50 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _topology(text: str):
+    """An As-ViT topology from a name, an arch string or a topology.yaml (vitscale search)."""
+    from vitscale.models.asvit import asvit_config
+
+    if text.endswith((".yaml", ".yml")):
+        from vitscale.config import load_config
+
+        name = load_config(text).model.name
+        if not name.startswith("asvit"):
+            raise ConfigError(f"{text} names model {name!r}, not an As-ViT topology")
+        text = name
+    return asvit_config(text.removeprefix("asvit:"))
+
+
+def cmd_autoscale(args: argparse.Namespace) -> int:
+    from vitscale.search.autoscale import ScaleSettings, autoscale, parse_sizes
+
+    if bool(args.target_params) == bool(args.target_gflops):
+        raise ConfigError("give exactly one of --target-params (e.g. 30M,50M) or --target-gflops")
+    by = "params" if args.target_params else "gflops"
+    targets = parse_sizes(args.target_params or args.target_gflops)
+    settings = ScaleSettings(targets=targets, by=by, start_width=args.start_width,
+                             proxy_ratio=args.proxy_ratio, img_size=args.img_size,
+                             count_img_size=args.count_img_size, batch=args.batch,
+                             repeats=args.repeats, n_theta=args.n_theta, seed=args.seed,
+                             data=args.data)
+    topology = _topology(args.topology)
+    runs = [("", settings)]
+    if args.random:
+        runs = [(f"random-{k}", ScaleSettings(**{**settings.__dict__, "random": True, "seed": k}))
+                for k in range(args.random)]
+    for sub, s in runs:
+        out = Path(args.out) / sub if sub else Path(args.out)
+        result = autoscale(topology, s, out)
+        _table(["step", "depths", "width", "params (M)", "GFLOPs", "kappa", "L^E"],
+               [[str(r["step"]), ",".join(map(str, r["depths"])), str(r["width"]), r["params"] / 1e6,
+                 r["gflops"], "-" if r["kappa"] is None else f"{r['kappa']:.3g}",
+                 "-" if r["length"] is None else f"{r['length']:.4g}"] for r in result.trajectory])
+        for label, r in result.picks.items():
+            print(f"{label}: {r['arch']} ({r['params'] / 1e6:.1f}M params, {r['gflops']:.2f} "
+                  f"GFLOPs) -> {out / f'asvit-{label}.yaml'}")
+    return 0
+
+
 def _add_data_args(p: argparse.ArgumentParser, cache: bool = True) -> None:
     p.add_argument("checkpoint", help="any checkpoint `vitscale convert` reads, or a run directory")
     p.add_argument("--data", required=True, help="data source: digits, imagefolder:PATH, hf:NAME, ...")
@@ -362,6 +406,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random", type=int, metavar="N",
                    help="instead: measure N uniformly random topologies (the paper's baseline)")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("autoscale", help="grow an As-ViT topology into sizes without training",
+                       description="TOPOLOGY: asvit-seed, an arch string 'K,S,E|...|H' or a "
+                       "topology.yaml from vitscale search. Writes autoscale.json, autoscale.png "
+                       "and asvit-<target>.yaml per target into --out.")
+    p.add_argument("topology")
+    p.add_argument("--target-params", help="e.g. 30M,50M,90M")
+    p.add_argument("--target-gflops", help="e.g. 5,9,22 (at --count-img-size)")
+    p.add_argument("--out", default="runs/autoscale")
+    p.add_argument("--start-width", type=int, default=32)
+    p.add_argument("--proxy-ratio", type=float, default=0.25,
+                   help="measure candidates at this fraction of their width (public code: 1/4)")
+    p.add_argument("--img-size", type=int, default=32, help="resolution of the measures")
+    p.add_argument("--count-img-size", type=int, default=224, help="resolution GFLOPs are counted at")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--n-theta", type=int, default=10)
+    p.add_argument("--data", default="digits")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--random", type=int, metavar="N",
+                   help="instead: N random-scaling trajectories (the paper's baseline)")
+    p.set_defaults(func=cmd_autoscale)
     return parser
 
 

@@ -139,3 +139,36 @@ def test_train_save_load_and_evaluate_an_asvit(tmp_path):
     assert m["top1"] == pytest.approx(result.metrics["test/accuracy"])
     with pytest.raises(ConfigError, match="model.overrides"):
         load_config(None, ["model.name=asvit-seed", "model.overrides.pool=gap"])
+
+
+def test_progressive_retokenization_in_training(tmp_path):
+    import json
+
+    from vitscale.config import load_config
+    from vitscale.models import load
+    from vitscale.train import Trainer
+
+    arch = "model.name=asvit:4,2,2|2,1,2|2,1,2|2,1,2|8,16"
+    common = [arch, "data.img_size=64", "data.batch_size=16", "steps=9", "progress=false",
+              "log_every=1"]
+    schedule = "retokenize=[[0,16,5],[0.34,8,2],[0.67,4,1]]"
+    trainer = Trainer(load_config(None, [*common, schedule, f"out_dir={tmp_path / 'r'}"]))
+    assert [p[:3] for p in trainer.phases] == [(0, 16, 5), (3, 8, 2), (6, 4, 1)]
+    result = trainer.fit()
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "loss" in r]
+    assert [r["tokenizer"] for r in train] == [[16, 5]] * 3 + [[8, 2]] * 3 + [[4, 1]] * 3
+    # FLOPs by hand from the analytic counts of the three token grids (4x4, 8x8, 16x16).
+    cfg = trainer.model.cfg
+    per_image = [asvit_counts(cfg, 64, stride=s).flops for s in (16, 8, 4)]
+    spent = 3 * 16 * 3 * sum(per_image)
+    assert result.metrics["train_flops"] == pytest.approx(spent)
+    assert result.metrics["flops_saved"] == pytest.approx(1 - sum(per_image) / (3 * per_image[2]))
+    assert load(tmp_path / "r" / "model").cfg.tokenizer_stride == 4
+
+    plain = Trainer(load_config(None, [*common, f"out_dir={tmp_path / 'p'}"])).fit()
+    assert plain.metrics["train_flops"] == pytest.approx(3 * 16 * 9 * per_image[2])
+    with pytest.raises(ConfigError, match="must begin at 0 and increase"):
+        load_config(None, [*common, "retokenize=[[0.5,16,5]]"])
+    with pytest.raises(ConfigError, match="is not \\[start"):
+        load_config(None, [*common, "retokenize=[[0,16]]"])

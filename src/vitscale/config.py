@@ -114,6 +114,9 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     ema_decay: float | None = None  # Polyak / EMA of weights, evaluated alongside the raw ones
     on_nonfinite: str = "stop"  # stop | skip
+    # Progressive re-tokenization (As-ViT models): [[start fraction of training, stride,
+    # dilation], ...] for the tokenizer, e.g. [[0, 16, 5], [0.33, 8, 2], [0.67, 4, 1]].
+    retokenize: list[list[float]] = field(default_factory=list)
     log_every: int = 10
     eval_every: int | None = None  # steps; None: once per epoch
     ckpt_every: int | None = None  # steps; None: once per epoch
@@ -291,6 +294,7 @@ def validate_TrainConfig(cfg: TrainConfig) -> None:  # noqa: N802 - looked up by
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"{key}={_get(cfg, key)!r} {message}")
+    _validate_retokenize(cfg.retokenize)
     # The model must be buildable at the data resolution (e.g. img_size divisible by patch).
     # With model.init the checkpoint's own config decides, checked when it is loaded.
     if cfg.model.init:
@@ -300,6 +304,21 @@ def validate_TrainConfig(cfg: TrainConfig) -> None:  # noqa: N802 - looked up by
     except ConfigError as exc:
         raise ConfigError(f"model {cfg.model.name!r} at data.img_size={cfg.data.img_size}: "
                           f"{exc}") from None
+
+
+def _validate_retokenize(phases: list[list[float]]) -> None:
+    if not phases:
+        return
+    hint = "write retokenize=[[0,16,5],[0.33,8,2],[0.67,4,1]] (start fraction, stride, dilation)"
+    starts = []
+    for phase in phases:
+        if len(phase) != 3 or phase[1] < 1 or phase[2] < 1 or phase[1] != int(phase[1]) \
+                or phase[2] != int(phase[2]) or not 0 <= phase[0] < 1:
+            raise ConfigError(f"retokenize phase {phase} is not [start in [0, 1), stride, "
+                              f"dilation]; {hint}")
+        starts.append(phase[0])
+    if starts[0] != 0 or starts != sorted(set(starts)):
+        raise ConfigError(f"retokenize starts {starts} must begin at 0 and increase; {hint}")
 
 
 def _get(cfg: Any, dotted: str) -> Any:

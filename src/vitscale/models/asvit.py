@@ -283,6 +283,7 @@ class AsViT(nn.Module):
         if stride < 1 or dilation < 1:
             raise ConfigError(f"tokenizer stride and dilation must be >= 1, got ({stride}, {dilation})")
         self.tokenizer.stride, self.tokenizer.dilation = stride, dilation
+        self.cfg = self.cfg.replace(tokenizer_stride=stride, tokenizer_dilation=dilation)
 
     def _stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.tokenizer(x)

@@ -174,6 +174,7 @@ class Trainer:
             # Dropout / drop-path masks differ between processes, as between examples.
             torch.manual_seed(cfg.seed * 1_000_003 + self.world.rank)
         self.total = total_steps(cfg, len(self.data.train))
+        self.phases = self._retokenize_phases()
         self.step = 0
         self.skipped_steps = 0
         self.best: dict[str, float] = {}
@@ -198,6 +199,52 @@ class Trainer:
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+
+    # ------------------------------------------------------------------ re-tokenization
+    def _retokenize_phases(self) -> list[tuple[int, int, int, float]]:
+        """[(first step, stride, dilation, forward FLOPs per image), ...]; one phase (the
+        model as built) without a schedule."""
+        from vitscale.models.asvit import AsViT, asvit_counts
+        from vitscale.models.counts import count
+
+        cfg, model = self.cfg, self.model
+        if isinstance(model, AsViT):
+            img = cfg.data.img_size
+
+            def flops(stride: int) -> float:
+                return asvit_counts(model.cfg, img, stride=stride).flops
+
+            default = (model.cfg.tokenizer_stride, model.cfg.tokenizer_dilation)
+        else:
+            if cfg.retokenize:
+                raise UserError("retokenize needs an As-ViT model (model.name=asvit-...); a "
+                                "ViT's patch embedding has no stride/dilation schedule")
+            return [(0, 0, 0, count(model.cfg).flops)]
+        if not cfg.retokenize:
+            return [(0, *default, flops(default[0]))]
+        return [(int(round(start * self.total)), int(stride), int(dilation), flops(int(stride)))
+                for start, stride, dilation in cfg.retokenize]
+
+    def _phase(self, step: int) -> tuple[int, int, int, float]:
+        return [p for p in self.phases if p[0] <= step][-1]
+
+    def train_flops(self, steps: int) -> tuple[float, float]:
+        """(training FLOPs spent in the first `steps` steps, the same at the final
+        tokenization): 3 x forward FLOPs (forward + backward) x images."""
+        spent = 0.0
+        bounds = [p[0] for p in self.phases[1:]] + [max(steps, self.phases[-1][0])]
+        for (start, *_, flops), end in zip(self.phases, bounds):
+            spent += max(min(end, steps) - start, 0) * flops
+        images = 3 * self.cfg.data.batch_size
+        return spent * images, steps * self.phases[-1][3] * images
+
+    def _set_tokenizer(self, step: int) -> None:
+        if not self.cfg.retokenize:
+            return
+        _, stride, dilation, _ = self._phase(step)
+        for model in (self.model, self.ema.module if self.ema else None):
+            if model is not None:
+                model.set_tokenizer(stride, dilation)
 
     # ------------------------------------------------------------------ one optimizer step
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int] | None:
@@ -263,6 +310,7 @@ class Trainer:
                 if step >= self.total:
                     break
                 self.step = step
+                self._set_tokenizer(step)
                 lr = apply_lr(self.optimizer, step, self.total, cfg.optim.lr, cfg.schedule)
                 outcome = self._train_step(x, y)
                 loss = outcome[0] if outcome is not None else None
@@ -286,6 +334,7 @@ class Trainer:
                                 images_per_s=window_images / max(now - window_start, 1e-9),
                                 skipped_steps=self.skipped_steps,
                                 skipped_images=self.data.skipped)
+                    last.update(self._flops_record(done))
                     _write(log, last)
                     window_start, window_images, window_correct = now, 0, 0
                 progress.update(done, last)
@@ -298,8 +347,10 @@ class Trainer:
                     _write(log, self._fewshot(done))
                 if done % ckpt_every == 0 or done == self.total:
                     self._save()
+            self._set_tokenizer(max(self.step - 1, 0))  # the last phase's, also after a resume
             final = self._evaluate("test", self.step)
             final.update({f"best/{k}": v for k, v in self.best.items()})
+            final.update(self._flops_record(self.step))
             _write(log, final)
         finally:
             progress.close()
@@ -353,6 +404,15 @@ class Trainer:
                 record[f"fewshot/{r['shots']}shot"] = r["mean"]
                 record[f"fewshot/{r['shots']}shot_std"] = r["std"]
         distributed.barrier(self.world)
+        return record
+
+    def _flops_record(self, steps: int) -> dict[str, Any]:
+        spent, full = self.train_flops(steps)
+        record: dict[str, Any] = {"train_flops": spent}
+        if self.cfg.retokenize:
+            _, stride, dilation, _ = self._phase(max(steps - 1, 0))
+            record.update(train_flops_full=full, flops_saved=1 - spent / full if full else 0.0,
+                          tokenizer=[stride, dilation])
         return record
 
     def _record(self, step: int, split: str) -> dict[str, Any]:

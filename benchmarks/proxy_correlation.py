@@ -64,7 +64,8 @@ def main() -> None:
         acc = result.metrics["test/accuracy"]
         rows.append(dict(arch=cfg.arch(), kappa=kappa, length=length, accuracy=acc,
                          measure_s=measure_s, train_s=time.perf_counter() - start))
-        print(f"| {i + 1} | {cfg.arch()} | {kappa:.4g} | {length:.4g} | {measure_s:.1f} | "
+        cell = cfg.arch().replace("|", "\\|")  # a markdown table cell
+        print(f"| {i + 1} | {cell} | {kappa:.4g} | {length:.4g} | {measure_s:.1f} | "
               f"{acc:.4f} | {rows[-1]['train_s']:.0f} |", flush=True)
     acc = [r["accuracy"] for r in rows]
     combined = rankdata([r["kappa"] for r in rows]) + rankdata([-r["length"] for r in rows])

@@ -172,3 +172,14 @@ def test_progressive_retokenization_in_training(tmp_path):
         load_config(None, [*common, "retokenize=[[0.5,16,5]]"])
     with pytest.raises(ConfigError, match="is not \\[start"):
         load_config(None, [*common, "retokenize=[[0,16]]"])
+
+
+def test_models_table_lists_asvit(capsys):
+    import json
+
+    from vitscale.cli import main
+
+    assert main(["models", "asvit-large", "asvit:8,2,3|4,1,2|4,1,4|4,1,6|32", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["params_m"] == 87.58 and rows[0]["gflops"] == 44.72  # 22.36 GMACs
+    assert rows[1]["params_m"] == 2.32 and rows[1]["depth"] == 4

@@ -27,11 +27,23 @@ def parse_assignments(items: list[str] | None) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- models
 def cmd_models(args: argparse.Namespace) -> int:
     from vitscale.models import list_models, model_config
+    from vitscale.models.asvit import ASVIT_MODELS, asvit_config, asvit_counts, stage_grids
     from vitscale.models.counts import count
+    from vitscale.models.registry import is_asvit
 
     rows = []
-    names = args.names or list_models(args.patch)
+    names = args.names or [*list_models(args.patch), *ASVIT_MODELS]
     for name in names:
+        if is_asvit(name):
+            a = asvit_config(name.removeprefix("asvit:"), img_size=args.img_size,
+                             num_classes=args.num_classes)
+            c = asvit_counts(a)
+            rows.append(dict(
+                name=name, width=a.width, depth=sum(a.depths), mlp="x" + "/".join(map(str, a.expansions)),
+                heads=a.heads, pool="gap", block="window", img=args.img_size,
+                seq_len=sum(h * w for h, w in stage_grids(a)), params_m=round(c.params / 1e6, 2),
+                gflops=round(c.gflops, 2)))
+            continue
         cfg = model_config(name, img_size=args.img_size, num_classes=args.num_classes)
         c = count(cfg)
         rows.append(dict(

@@ -34,7 +34,8 @@ def per_candidate(img_sizes: list[int], repeats: int = 3) -> None:
     for img in img_sizes:
         images = torch.randn(16, 3, img, img, generator=torch.Generator().manual_seed(0))
         build = lambda: create_asvit(cfg)  # noqa: E731
-        curve_length(build, img, repeats=1)  # warm-up
+        curve_length(build, img, repeats=1)  # warm-up (first calls trace and allocate)
+        ntk_condition_number(build, images, repeats=1)
         start = time.perf_counter()
         curve_length(build, img, repeats=repeats)
         t_len = time.perf_counter() - start

@@ -32,7 +32,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from vitscale.models.registry import is_asvit
 
     rows = []
-    names = args.names or [*list_models(args.patch), *ASVIT_MODELS]
+    names = args.names or [*list_models(args.patch), *([] if args.patch else ASVIT_MODELS)]
     for name in names:
         if is_asvit(name):
             a = asvit_config(name.removeprefix("asvit:"), img_size=args.img_size,

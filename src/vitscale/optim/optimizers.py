@@ -31,11 +31,27 @@ def _dtype_name(value: str | torch.dtype) -> str:
 
 
 class _MomentumDtypeMixin:
-    """`Optimizer.load_state_dict` casts every float state tensor to its parameter's dtype;
-    put the first moment back into the dtype its group asks for (bf16 -> fp32 -> bf16 is exact)."""
+    """Shared by both optimizers: the closure and dense-gradient preamble of `step`, and
+    `Optimizer.load_state_dict`'s cast of every float state tensor to its parameter's dtype
+    undone for the first moment (bf16 -> fp32 -> bf16 is exact)."""
 
     param_groups: list[dict[str, Any]]
     state: Any
+
+    def _closure_loss(self, closure: Any) -> Any:
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def _with_grads(self, group: dict[str, Any]):
+        """The group's parameters that have a (dense) gradient."""
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            yield p
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[misc]
@@ -70,19 +86,12 @@ class AdamBF16(_MomentumDtypeMixin, Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         for group in self.param_groups:
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
             beta1, beta2 = group["betas"]
             dtype = _dtype(group["momentum_dtype"])
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdamBF16 does not support sparse gradients")
+            for p in self._with_grads(group):
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
@@ -178,17 +187,10 @@ class AdafactorBV(_MomentumDtypeMixin, Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._closure_loss(closure)
         for group in self.param_groups:
             lr, wd, beta1 = group["lr"], group["weight_decay"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdafactorBV does not support sparse gradients")
+            for p in self._with_grads(group):
                 state = self.state[p]
                 if not state:
                     state.update(self._init_state(p, group))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -58,13 +59,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                "params_m", "gflops"]
     titles = ["model", "width", "depth", "MLP", "heads", "pool", "block", "img", "tokens",
               "params (M)", "GFLOPs"]
-    table = [titles] + [[_fmt(r[h]) for h in headers] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
-    for j, row in enumerate(table):
-        print("  ".join(cell.rjust(widths[i]) if i else cell.ljust(widths[i])
-                        for i, cell in enumerate(row)))
-        if j == 0:
-            print("  ".join("-" * w for w in widths))
+    _table(titles, [[_fmt(r[h]) for h in headers] for r in rows])
     print(f"\nGFLOPs: 2 x multiply-accumulates of one forward pass of one {args.img_size}px "
           f"image; params include a {args.num_classes}-class head.")
     return 0
@@ -161,7 +156,10 @@ def _cache(args: argparse.Namespace):
 
 
 def _table(titles: list[str], rows: list[list[Any]]) -> None:
-    table = [titles] + [[_fmt(c) if not isinstance(c, str) else c for c in row] for row in rows]
+    """A plain-text table: the first column left-aligned, the others right-aligned; floats
+    that are not already strings get 4 decimals."""
+    table = [titles] + [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in row]
+                        for row in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(titles))]
     for j, row in enumerate(table):
         print("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row)))
@@ -199,7 +197,7 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
     print(f"few-shot linear regression on {out['data']}: {out['num_train']} train / "
           f"{out['num_test']} test features ({out['features_s']:.1f} s), {args.seeds} draws each")
     _table(["shots", "l2", "accuracy", "std", "per draw"],
-           [[str(r["shots"]), r["l2"], r["mean"], r["std"],
+           [[str(r["shots"]), f"{r['l2']:g}", r["mean"], r["std"],
              " ".join(f"{a:.3f}" for a in r["accuracies"])] for r in out["results"]])
     return 0
 
@@ -232,7 +230,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     rows = rank_checkpoints(args.checkpoints, args.data, by=args.by, shots=args.shots,
                             cache=_cache(args))
     _table(["rank", "checkpoint", "model", "params (M)", "metric", "score"],
-           [[str(i + 1), r["checkpoint"], r["model"], r["params"] / 1e6, r["metric"], r["score"]]
+           [[str(i + 1), r["checkpoint"], r["model"], _fmt(r["params"] / 1e6), r["metric"], r["score"]]
             for i, r in enumerate(rows)])
     best = rows[0]["checkpoint"]
     if args.no_finetune:
@@ -288,14 +286,15 @@ def cmd_autoscale(args: argparse.Namespace) -> int:
     topology = _topology(args.topology)
     runs = [("", settings)]
     if args.random:
-        runs = [(f"random-{k}", ScaleSettings(**{**settings.__dict__, "random": True, "seed": k}))
+        runs = [(f"random-{k}", dataclasses.replace(settings, random=True, seed=k))
                 for k in range(args.random)]
     for sub, s in runs:
         out = Path(args.out) / sub if sub else Path(args.out)
         result = autoscale(topology, s, out)
         _table(["step", "depths", "width", "params (M)", "GFLOPs", "kappa", "L^E"],
-               [[str(r["step"]), ",".join(map(str, r["depths"])), str(r["width"]), r["params"] / 1e6,
-                 r["gflops"], "-" if r["kappa"] is None else f"{r['kappa']:.3g}",
+               [[str(r["step"]), ",".join(map(str, r["depths"])), str(r["width"]),
+                 _fmt(r["params"] / 1e6), _fmt(r["gflops"]),
+                 "-" if r["kappa"] is None else f"{r['kappa']:.3g}",
                  "-" if r["length"] is None else f"{r['length']:.4g}"] for r in result.trajectory])
         for label, r in result.picks.items():
             print(f"{label}: {r['arch']} ({r['params'] / 1e6:.1f}M params, {r['gflops']:.2f} "

@@ -114,26 +114,20 @@ class MetricsLog:
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             atomic_write_text(self.path, "".join(k + "\n" for k in kept))
         self.fh = open(self.path, "a", encoding="utf-8")
-        self.tb = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # tensorboard is a dependency
 
-            self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step)
-        except ImportError:  # tensorboard not installed: metrics.jsonl still has everything
-            pass
+        self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=resume_step)
 
     def write(self, record: dict[str, Any]) -> None:
         self.fh.write(json.dumps(record) + "\n")
         self.fh.flush()
-        if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.tb.add_scalar(key, value, record["step"])
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self.tb.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
         self.fh.close()
-        if self.tb is not None:
-            self.tb.close()
+        self.tb.close()
 
 
 # ---------------------------------------------------------------------------------- the run

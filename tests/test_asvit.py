@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -47,6 +49,36 @@ def test_published_sizes():
     assert large.params == 87_580_820
     assert abs(large.params / 88.1e6 - 1) < 0.02
     assert abs(large.flops / 2 / 22.6e9 - 1) < 0.02
+
+
+PAPER_SIZES = {"asvit-small": (29.0e6, 5.3e9), "asvit-base": (52.6e6, 8.9e9)}  # params, MACs
+
+
+def _deviation(cfg, sizes):
+    counts = asvit_counts(cfg)
+    return max(abs(counts.params / sizes[0] - 1), abs(counts.flops / 2 / sizes[1] - 1))
+
+
+def test_small_and_base_are_the_reconstruction_rule():
+    """Small/Base: of all seed growths on one monotone path to Large (depths and width never
+    shrink) within 2% of both published sizes, the pair with the smallest largest deviation."""
+    large = asvit_config("asvit-large")
+    within = {name: [] for name in PAPER_SIZES}
+    for depths in itertools.product(*(range(1, d + 1) for d in large.depths)):
+        for width in range(32, large.width + 1, 4):
+            cfg = large.replace(depths=depths, width=width)
+            for name, sizes in PAPER_SIZES.items():
+                if _deviation(cfg, sizes) < 0.02:
+                    within[name].append(cfg)
+    pairs = [(s, b) for s in within["asvit-small"] for b in within["asvit-base"]
+             if all(x <= y for x, y in zip((*s.depths, s.width), (*b.depths, b.width)))]
+    assert len(pairs) == 2  # the rule has a real choice to make
+    best = min(pairs, key=lambda p: max(_deviation(c, PAPER_SIZES[n])
+                                        for c, n in zip(p, PAPER_SIZES)))
+    for cfg, name in zip(best, PAPER_SIZES):
+        assert cfg.arch() == asvit_config(name).arch()
+        assert _deviation(asvit_config(name), PAPER_SIZES[name]) < 0.01
+    assert asvit_counts(asvit_config("asvit-small")).params == 29_140_360
 
 
 @pytest.mark.parametrize("img, stride, dilation, arch", [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -84,3 +86,24 @@ def test_incomplete_latest_and_mismatched_model(tmp_path):
     (tmp_path / "checkpoints" / "latest").write_text("step-000000099\n")
     with pytest.raises(CheckpointError, match="incomplete"):
         latest_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("decay, n, kept", [
+    (0.999, 5, 1 / math.comb(14, 9)),  # prod_{t<n} (1+t)/(10+t) = 1 / C(n+9, 9)
+    (0.5, 20, 0.5 ** 12 / math.comb(17, 9)),  # capped at 0.5 from t = 8 on
+])
+def test_ema_warmup_keeps_the_closed_form_share_of_the_initial_weights(decay, n, kept):
+    start, target = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        for p, q in zip(start.parameters(), target.parameters()):
+            p.zero_()
+            q.fill_(1.0)
+    ema = EMA(start, decay)
+    for step in range(n):
+        ema.update(target, step)
+    for p in ema.module.parameters():
+        torch.testing.assert_close(p, torch.full_like(p, 1 - kept), rtol=0, atol=1e-6)
+    constant = EMA(start, decay)
+    constant.update(target)  # no step: the plain decay
+    torch.testing.assert_close(next(constant.module.parameters()),
+                               torch.full((2, 3), 1 - decay), rtol=0, atol=1e-7)

@@ -67,8 +67,13 @@ def _tiny_vit(**kw) -> nn.Module:
 # ---------------------------------------------------------------------------------- AdafactorBV
 @pytest.mark.parametrize("wd,clip", [(0.0, None), (0.1, None), (0.05, 1.0)])
 def test_adafactor_matches_timm(wd, clip):
+    import timm
     from timm.optim import AdafactorBigVision
 
+    if clip and tuple(int(x) for x in timm.__version__.split(".")[:3]) < (1, 0, 31):
+        # timm's update clipping divided by min(1, rms * clip) until pytorch-image-models#2790
+        # (merged 2026-09); 1.0.31 is the first release seen with big_vision's max(1, rms / clip).
+        pytest.skip(f"timm {timm.__version__} predates the AdafactorBigVision clipping fix")
     steps = 25
     grads, lrs = _grads(steps), _lrs(steps)
     ours, ref = _params(), _params()

@@ -72,9 +72,14 @@ def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "model" / "model.safetensors"))
 
 
-def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+@pytest.mark.parametrize("device", [
+    "device=cpu",
+    # CUDA kernels are bitwise reproducible only with deterministic=true (atomics otherwise).
+    pytest.param("device=cuda deterministic=true", marks=pytest.mark.gpu),
+])
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path, device):
     args = ["steps=60", "ckpt_every=10", "eval_every=30", "ema_decay=0.9",
-            "data.batch_size=64", "model.overrides.drop_path=0.1"]
+            "data.batch_size=64", "model.overrides.drop_path=0.1", *device.split()]
     reference = tmp_path / "reference"
     run(tiny(reference, *args))
 
@@ -212,7 +217,7 @@ def test_two_process_data_parallel_equals_one_process(tmp_path):
     # averages the gradients, so the run follows the single-process one. Without dropout and
     # Mixup (which pairs examples within a process's half) the two agree up to float rounding.
     args = ["steps=6", "ckpt_every=3", "model.overrides.dropout=0.0", "data.mixup_alpha=0.0",
-            "optim.name=sgd", "optim.lr=0.1", "accum_steps=2"]
+            "optim.name=sgd", "optim.lr=0.1", "accum_steps=2", "device=cpu"]
     single = tmp_path / "single"
     ref = run(tiny(single, *args))
     ddp = tmp_path / "ddp"

@@ -113,6 +113,7 @@ class TrainConfig:
     accum_steps: int = 1
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     ema_decay: float | None = None  # Polyak / EMA of weights, evaluated alongside the raw ones
+    ema_warmup: bool = True  # decay min(ema_decay, (1+step)/(10+step)): no lag in short runs
     on_nonfinite: str = "stop"  # stop | skip
     # Progressive re-tokenization (As-ViT models): [[start fraction of training, stride,
     # dilation], ...] for the tokenizer, e.g. [[0, 16, 5], [0.33, 8, 2], [0.67, 4, 1]].
@@ -123,6 +124,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     out_dir: str = "runs/default"
     device: str = "auto"  # auto | cpu | cuda
+    # Bitwise-reproducible CUDA runs (resume included): deterministic kernels and cuBLAS
+    # workspace, at some speed. CPU runs are reproducible without it.
+    deterministic: bool = False
     progress: bool = True
 
 

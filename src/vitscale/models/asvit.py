@@ -138,12 +138,18 @@ class AsViTConfig:
 SEED = "8,2,3|4,1,2|4,1,4|4,1,6|32"  # the searched topology (public code README)
 ASVIT_MODELS = {
     "asvit-seed": SEED,  # one block per stage, C = 32: what the search scores
+    # Small and Base: the paper reports only their sizes (29.0M / 5.3 G and 52.6M / 8.9 G MACs at
+    # 224 px, Table 4); their depths and widths are not public. These are reconstructions: the
+    # seed grown along one monotone path that ends at the public Large, matching those sizes
+    # within 1% (tests/test_asvit.py re-derives them; README's As-ViT section has the rule).
+    "asvit-small": "8,2,3,3|4,1,2,2|4,1,4,1|4,1,6,2|32,96",
+    "asvit-base": "8,2,3,3|4,1,2,2|4,1,4,1|4,1,6,2|32,132",
     "asvit-large": "8,2,3,5|4,1,2,2|4,1,4,5|4,1,6,2|32,180",  # public code README
 }
 
 
 def asvit_config(name_or_arch: str, **overrides: Any) -> AsViTConfig:
-    """A named As-ViT ('asvit-large', 'asvit-seed') or a topology string."""
+    """A named As-ViT (asvit-seed / -small / -base / -large) or a topology string."""
     arch = ASVIT_MODELS.get(name_or_arch, name_or_arch)
     if "|" not in arch:
         raise ConfigError(f"unknown As-ViT model {name_or_arch!r}; choose one of "

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from vitscale.errors import UserError
+
 
 @dataclass(frozen=True)
 class World:
@@ -59,6 +61,10 @@ def init(world: World, device: torch.device) -> bool:
 def device_for(world: World, device: torch.device) -> torch.device:
     """One CUDA device per local process."""
     if device.type == "cuda" and world.distributed:
+        if world.local_rank >= torch.cuda.device_count():
+            raise UserError(f"process {world.local_rank} of this node has no CUDA device of its own "
+                            f"({torch.cuda.device_count()} visible); start at most that many "
+                            f"processes per node (torchrun --nproc_per_node) or train with device=cpu")
         torch.cuda.set_device(world.local_rank)
         return torch.device("cuda", world.local_rank)
     return device

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,14 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda but no CUDA device is available; use device=cpu or auto")
     return torch.device(name)
+
+
+def make_deterministic() -> None:
+    """Deterministic kernels for this process (torch's switch is global): cuBLAS needs a fixed
+    workspace, set before its first use, and cuDNN must not benchmark algorithms."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor, kind: str, smoothing: float) -> torch.Tensor:
@@ -154,6 +163,8 @@ class Trainer:
         self.run_dir = Path(cfg.out_dir)
         self.world = world_from_env()
         self.device = distributed.device_for(self.world, resolve_device(cfg.device))
+        if cfg.deterministic:
+            make_deterministic()
         self.created_group = distributed.init(self.world, self.device)
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
         self.data = build_data(cfg.data, cfg.seed)
@@ -280,7 +291,7 @@ class Trainer:
                 return None
         self.optimizer.step()
         if self.ema is not None:
-            self.ema.update(self.model)
+            self.ema.update(self.model, self.step if cfg.ema_warmup else None)
         return total_loss, int(correct)
 
     # ------------------------------------------------------------------ the loop

@@ -26,7 +26,7 @@ from vitscale.train import run
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 SOURCE = ["model.name=Ti/4", "data.img_size=32", "model.overrides.posemb=learn",
           "data.crop_scale_min=0.3", "progress=false"]
-FINETUNE = ["data.flip=false", "data.crop_scale_min=0.3", "progress=false"]
+FINETUNE = ["data.crop_scale_min=0.3", "progress=false"]
 
 
 def main() -> None:

@@ -1,11 +1,12 @@
 """Progressive re-tokenization (As-ViT, Table 6 style) against plain training, on digits.
 
-    python benchmarks/retokenize.py                      # 30 epochs each, seed 0
-    python benchmarks/retokenize.py --epochs 10 --seeds 0 1 2
+    python benchmarks/retokenize.py                      # 60 epochs each, seed 0
+    python benchmarks/retokenize.py --epochs 30 --seeds 0 1 --schedule '[[0,16,5],[0.34,8,2],[0.67,4,1]]'
 
 The same As-ViT (the searched seed topology, one block per stage, C = 32) is trained from scratch
 on digits at 64 px twice per seed: at full tokenization (stride 4), and with the tokenizer at
-(stride, dilation) = (16, 5), (8, 2), (4, 1) for a third of the steps each. Prints the training
+(stride, dilation) = (16, 5) for the first 35% of the steps, (8, 2) to 70%, then (4, 1), which
+saves 57.6% of the training FLOPs on this model (equal thirds save 54.9%). Prints the training
 FLOPs of both (3 x forward FLOPs x images, from the analytic counts), the fraction saved and
 the test accuracies. Paper: 56.2% of training FLOPs saved at close accuracy.
 """
@@ -24,7 +25,7 @@ RECIPE = [f"model.name={MODEL}", "data.source=digits", "data.img_size=64", "data
           "data.augment=none", "data.flip=false", "data.crop_scale_min=0.6", "optim.name=adamw",
           "optim.lr=0.001", "optim.weight_decay=0.05", "schedule.warmup_fraction=0.05",
           "label_smoothing=0.1", "progress=false"]
-SCHEDULE = "retokenize=[[0,16,5],[0.3333,8,2],[0.6667,4,1]]"
+SCHEDULE = "retokenize=[[0,16,5],[0.35,8,2],[0.7,4,1]]"
 
 
 def train(extra: list[str]) -> dict:
@@ -37,10 +38,10 @@ def train(extra: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=float, default=30)
+    parser.add_argument("--epochs", type=float, default=60)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--schedule", default=SCHEDULE.split("=", 1)[1],
-                        help="[[start fraction, stride, dilation], ...] (default: equal thirds)")
+                        help="[[start fraction, stride, dilation], ...] (default: 35%%, 35%%, 30%%)")
     parser.add_argument("--skip-full", action="store_true",
                         help="only the re-tokenized runs (compare with a recorded full run)")
     args = parser.parse_args()

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 
 from vitscale.config import DataConfig
 from vitscale.data import (
@@ -90,6 +91,22 @@ def test_augreg_presets(name):
     randaug = [op for op in ops if isinstance(op, RandAugment)]
     # light1 keeps RandAugment at magnitude 0; only "none" has none
     assert len(randaug) == (0 if name == "none" else 1)
+
+
+def test_flip_default_follows_the_source(tmp_path: Path):
+    def flips(**kw) -> bool:
+        data = build_data(DataConfig(img_size=16, augment="none", **kw))
+        return any(isinstance(op, v2.RandomHorizontalFlip) for op in data.train_transform.transforms)
+
+    # Digits are glyphs: a mirrored 2 is no digit, so no flips unless asked for.
+    assert not flips(source="digits") and flips(source="digits", flip=True)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.new("RGB", (20, 20), (40 * i, 9, 9)).save(tmp_path / c / f"{i}.png")
+    folder = f"imagefolder:{tmp_path}"
+    assert flips(source=folder, minival_fraction=0) and not flips(source=folder, flip=False,
+                                                                  minival_fraction=0)
 
 
 def test_preset_overrides_and_unknown():

@@ -56,3 +56,11 @@ def test_search_cli_and_random_baseline(tmp_path, capsys):
     assert len(rows) == 2 and (tmp_path / "random_topology.yaml").is_file()
     assert main(["search", "--out", str(tmp_path), "--img-size", "30"]) == 2
     assert "multiple of 32" in capsys.readouterr().err
+
+
+def test_corrupt_search_state_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "search.json").write_text('{"settings": {"lr": 0.08')  # cut short by a full disk
+    args = ["--img-size", "32", "--width", "8", "--batch", "4", "--repeats", "1", "--n-theta", "4"]
+    assert main(["search", "--out", str(tmp_path), "--steps", "1", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "search.json is not valid JSON" in err and "search afresh" in err

@@ -115,6 +115,12 @@ def test_missing_and_unknown_files(tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(CheckpointError, match="has no config.json"):
         load(tmp_path / "folder")
+    (tmp_path / "folder" / "config.json").write_text('{"format": "vitsc')  # a torn write
+    with pytest.raises(CheckpointError, match=r"config.json is not valid JSON \(.*\); re-save"):
+        load(tmp_path / "folder")
+    (tmp_path / "folder" / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="holds no JSON object"):
+        load(tmp_path / "folder")
 
 
 def test_wrong_shapes_and_heads_are_named(tmp_path):

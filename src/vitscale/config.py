@@ -53,7 +53,7 @@ class DataConfig:
     mixup_alpha: float | None = None
     cutmix_alpha: float = 0.0
     crop_scale_min: float = 0.05  # inception crop area lower bound (pre-training)
-    flip: bool = True
+    flip: bool | None = None  # horizontal flips; None: on, except for glyph sources (digits, MNIST)
     max_skip_fraction: float = 0.01  # fail when more unreadable images than this are skipped
 
 

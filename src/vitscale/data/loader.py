@@ -189,7 +189,7 @@ class Data:
         self.mixup_alpha = self.augment.mixup_alpha
         self.cutmix_alpha = self.augment.cutmix_alpha
         self.resize_only = resize_only
-        self.train_transform, self.eval_transform = transforms_for(cfg, resize_only)
+        self.train_transform, self.eval_transform = transforms_for(cfg, resize_only, splits.mirror_safe)
         self._unreadable: dict[str, set[str]] = {}
         self._sizes = {"train": len(train), "minival": len(minival) if minival is not None else 0,
                        "test": len(self.test) if self.test is not None else 0}

@@ -202,6 +202,9 @@ class Splits:
     test: Source | None
     classes: list[str]
     bad: list[str]  # items dropped while indexing (e.g. a webdataset sample without .cls)
+    # False for glyphs (digits, MNIST, SVHN), where a mirror image is another class or none:
+    # the default of DataConfig.flip (None) then trains without horizontal flips.
+    mirror_safe: bool = True
 
 
 def load_source(source: str, root: str = "data") -> Splits:
@@ -229,7 +232,8 @@ def digits_source() -> Splits:
     classes = [str(c) for c in range(10)]
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
     return Splits(ArraySource(images[train_idx], labels[train_idx], classes, "digits/train"),
-                  ArraySource(images[test_idx], labels[test_idx], classes, "digits/test"), classes, [])
+                  ArraySource(images[test_idx], labels[test_idx], classes, "digits/test"), classes, [],
+                  mirror_safe=False)
 
 
 # ---------------------------------------------------------------------------------- imagefolder
@@ -615,6 +619,9 @@ class TorchvisionSource(Source):
         return f"{self.name}[{i}]"
 
 
+GLYPH_DATASETS = {"MNIST", "EMNIST", "KMNIST", "QMNIST", "SVHN", "Omniglot", "USPS", "SEMEION"}
+
+
 def torchvision_source(name: str, root: str) -> Splits:
     import torchvision.datasets as tvd
 
@@ -662,7 +669,7 @@ def torchvision_source(name: str, root: str) -> Splits:
         classes = [str(c) for c in range(top + 1)]
     train = TorchvisionSource(train_ds, classes, train_labels, f"{name}/train")
     test_src = TorchvisionSource(test[0], classes, test[1], f"{name}/test") if test else None
-    return Splits(train, test_src, classes, [])
+    return Splits(train, test_src, classes, [], mirror_safe=name not in GLYPH_DATASETS)
 
 
 # ---------------------------------------------------------------------------------- minival

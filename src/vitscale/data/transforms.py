@@ -3,8 +3,9 @@
 Train (big_vision `inception_crop|flip_lr|randaug(N,M)|value_range(-1,1)`):
     RandomResizedCrop(img_size, scale=(crop_scale_min, 1), ratio=(3/4, 4/3), bilinear; antialiased,
     torchvision's default, where TF's resize is not: a small difference on strong down-scaling)
-    -> horizontal flip (when DataConfig.flip; set flip=false for digits and text, where a mirrored
-    glyph is another glyph or none) -> RandAugment(N, M) when N > 0 -> float in [-1, 1].
+    -> horizontal flip (DataConfig.flip; by default on, except for glyph sources such as digits
+    and MNIST, where a mirrored glyph is another glyph or none) -> RandAugment(N, M) when N > 0
+    -> float in [-1, 1].
 Eval:
     natural images: resize the shorter side to img_size / 0.875 (256 for 224), center-crop img_size.
     small images (the source's first image is at most img_size on its longer side, e.g. digits at
@@ -205,9 +206,12 @@ def eval_transform(img_size: int, resize_only: bool = False) -> v2.Compose:
     return v2.Compose([*ops, ValueRange()])
 
 
-def transforms_for(cfg: DataConfig, resize_only: bool) -> tuple[v2.Compose, v2.Compose]:
-    """(train transform, eval transform) for a DataConfig."""
+def transforms_for(cfg: DataConfig, resize_only: bool, mirror_safe: bool = True
+                   ) -> tuple[v2.Compose, v2.Compose]:
+    """(train transform, eval transform) for a DataConfig; `mirror_safe` (the source's) decides
+    flipping when cfg.flip is None."""
     aug = resolve_augment(cfg)
-    train = train_transform(cfg.img_size, cfg.crop_scale_min, cfg.flip, aug.randaug_layers,
+    flip = mirror_safe if cfg.flip is None else cfg.flip
+    train = train_transform(cfg.img_size, cfg.crop_scale_min, flip, aug.randaug_layers,
                             aug.randaug_magnitude)
     return train, eval_transform(cfg.img_size, resize_only)

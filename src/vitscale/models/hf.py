@@ -24,7 +24,7 @@ from vitscale.errors import CheckpointError, ConfigError
 from vitscale.models.config import ModelConfig
 from vitscale.models.tensorfile import read_tensor_file
 from vitscale.models.vit import VisionTransformer
-from vitscale.utils.io import atomic_write, atomic_write_text
+from vitscale.utils.io import atomic_write, atomic_write_text, read_json
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -142,10 +142,7 @@ def _read_config(folder: Path) -> dict[str, Any]:
     config = folder / CONFIG_FILE
     if not config.is_file():
         raise CheckpointError(f"{folder} has no {CONFIG_FILE}; pass a transformers model folder")
-    try:
-        doc = json.loads(config.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise CheckpointError(f"{config} is not valid JSON ({_first_line(exc)})") from None
+    doc = read_json(config, CheckpointError, "pass a transformers model folder")
     if not isinstance(doc, dict) or doc.get("model_type") != "vit":
         kind = doc.get("model_type") if isinstance(doc, dict) else None
         raise CheckpointError(

@@ -97,8 +97,9 @@ class Attention(nn.Module):
 
 
 # PyTorch's fused inference kernel for a pre-LN encoder layer (nn.TransformerEncoderLayer's
-# fast path): the same math as Block in one native call, ~5% faster on CPU. Private API, so it
-# is only used when present and falls back to the module path otherwise.
+# fast path): the same math as Block in one native call, ~5% faster on CPU but 0.6% slower than
+# the module path on an H100 in fp32 (docs/benchmarks.md), so CPU only. Private API, so it is
+# only used when present and falls back to the module path otherwise.
 _FUSED_LAYER = getattr(torch, "_transformer_encoder_layer_fwd", None)
 
 
@@ -118,7 +119,7 @@ class Block(nn.Module):
                         and cfg.qkv_bias and cfg.proj_bias and cfg.mlp_bias and cfg.norm_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fusable and not self.training and not torch.is_grad_enabled() \
+        if self.fusable and not self.training and not torch.is_grad_enabled() and x.is_cpu \
                 and not torch.is_autocast_enabled() and x.dtype == self.norm1.weight.dtype:
             return self._fused_forward(x)
         x = x + self.drop_path1(self.attn(self.norm1(x)))

@@ -23,7 +23,7 @@ from vitscale.models.posemb import resample_grid
 from vitscale.models.registry import SIZES, model_config
 from vitscale.models.tensorfile import read_tensor_file
 from vitscale.models.vit import VisionTransformer
-from vitscale.utils.io import atomic_write, atomic_write_text
+from vitscale.utils.io import atomic_write, atomic_write_text, read_json
 
 FORMAT = "vitscale"
 CONFIG_FILE = "config.json"
@@ -101,14 +101,23 @@ def timm_parallel_to_vitscale(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
             out[pre + "mlp.fc1.bias"], out[pre + "attn.qkv.bias"] = bias[:hidden], bias[hidden:]
         elif pre + "mlp_bias" in out:
             out[pre + "mlp.fc1.bias"] = out.pop(pre + "mlp_bias")
-        renames = {"in_norm.": "norm1.", "q_norm.": "attn.q_norm.", "k_norm.": "attn.k_norm.",
-                   "attn_out_proj.": "attn.proj.", "mlp_out_proj.": "mlp.fc2."}
-        for k in [k for k in out if k.startswith(pre)]:
-            rest = k[len(pre):]
-            for old, new in renames.items():
-                if rest.startswith(old):
-                    out[pre + new + rest[len(old):]] = out.pop(k)
+        _rename_under(out, pre, _PARALLEL_FROM_TIMM)
     return out
+
+
+# timm's ParallelScalingBlock names -> ours, under one block's prefix.
+_PARALLEL_FROM_TIMM = {"in_norm.": "norm1.", "q_norm.": "attn.q_norm.", "k_norm.": "attn.k_norm.",
+                       "attn_out_proj.": "attn.proj.", "mlp_out_proj.": "mlp.fc2."}
+
+
+def _rename_under(sd: dict[str, torch.Tensor], prefix: str, renames: dict[str, str]) -> None:
+    """Rename, in place, the keys `prefix + old...` to `prefix + new...`."""
+    for k in [k for k in sd if k.startswith(prefix)]:
+        rest = k[len(prefix):]
+        for old, new in renames.items():
+            if rest.startswith(old):
+                sd[prefix + new + rest[len(old):]] = sd.pop(k)
+                break
 
 
 def vitscale_parallel_to_timm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -125,13 +134,7 @@ def vitscale_parallel_to_timm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
             out[pre + "in_proj.bias"] = torch.cat([fc1_bias, qkv_bias])
         elif fc1_bias is not None:
             out[pre + "mlp_bias"] = fc1_bias
-        renames = {"norm1.": "in_norm.", "attn.q_norm.": "q_norm.", "attn.k_norm.": "k_norm.",
-                   "attn.proj.": "attn_out_proj.", "mlp.fc2.": "mlp_out_proj."}
-        for k in [k for k in out if k.startswith(pre)]:
-            rest = k[len(pre):]
-            for old, new in renames.items():
-                if rest.startswith(old):
-                    out[pre + new + rest[len(old):]] = out.pop(k)
+        _rename_under(out, pre, {new: old for old, new in _PARALLEL_FROM_TIMM.items()})
     return out
 
 
@@ -300,10 +303,10 @@ def _read_folder(folder: Path, known: dict[str, Any]) -> tuple[ModelConfig, dict
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise CheckpointError(f"{folder} has no {CONFIG_FILE}; pass the weights file itself")
-    try:
-        doc = json.loads(config_path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise CheckpointError(f"{config_path} is not valid JSON ({exc})") from None
+    doc = read_json(config_path, CheckpointError, "re-save the model or pass the weights file itself")
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{config_path} holds no JSON object; re-save the model or pass the "
+                              "weights file itself")
     if doc.get("format") == FORMAT:
         cfg = _read_own_config(config_path.read_text(encoding="utf-8"), config_path)
         return _apply_known(cfg, known), read_tensor_file(folder / WEIGHTS_FILE)

@@ -32,7 +32,7 @@ import torch.nn as nn
 from vitscale.errors import ConfigError
 from vitscale.models.asvit import SEARCH_SPACE, AsViTConfig, create_asvit
 from vitscale.search.complexity import curve_length, ntk_condition_number
-from vitscale.utils.io import atomic_write_text
+from vitscale.utils.io import atomic_write_text, read_json
 
 DECISIONS = tuple(SEARCH_SPACE)
 BAD_REWARD = -2.0
@@ -181,7 +181,7 @@ def run_search(settings: SearchSettings, out_dir: str | Path,
     trajectory: list[dict[str, Any]] = []
     baseline_num = baseline_den = 0.0
     if state_path.is_file():
-        doc = json.loads(state_path.read_text(encoding="utf-8"))
+        doc = read_json(state_path, ConfigError, "delete it to search afresh, or use another output folder")
         saved = {k: v for k, v in doc["settings"].items() if k != "steps"}
         now = {k: v for k, v in asdict(settings).items() if k != "steps"}
         if saved != now:

@@ -1,11 +1,14 @@
-"""Crash-safe file writes: a temp file in the same folder, fsync, then an atomic rename."""
+"""Crash-safe file writes (a temp file in the same folder, fsync, then an atomic rename) and
+JSON reads that fail with one line."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -43,3 +46,15 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_json(path: str | os.PathLike, error: type[Exception], fix: str) -> Any:
+    """The parsed JSON file, or `error` with one line naming the file, the problem and `fix`."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise error(f"cannot read {path} ({exc.strerror or type(exc).__name__}); {fix}") from None
+    except ValueError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise error(f"{path} is not valid JSON ({first}); {fix}") from None

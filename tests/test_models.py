@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import ParallelScalingBlock
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -13,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vitscale.errors import ConfigError
 from vitscale.models import SIZES, ModelConfig, count, create_model, model_config
-from vitscale.models.posemb import resample_grid, sincos_2d
+from vitscale.models.posemb import resample_grid, resample_patch_kernel, sincos_2d
 from vitscale.models.weights import adapt_state_dict, load_state_dict_into
 
 TINY = dict(embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0, num_classes=10)
@@ -184,6 +185,33 @@ def test_big_vision_resampling_equals_scipy_zoom_order1():
     zoomed = ndimage.zoom(grid[0, 1:].reshape(4, 4, 8).numpy(), (1.5, 1.5, 1), order=1)
     np.testing.assert_allclose(out[0, 1:].reshape(6, 6, 8).numpy(), zoomed, atol=1e-5)
     torch.testing.assert_close(out[:, :1], grid[:, :1])
+
+
+@pytest.mark.parametrize("mode, antialias", [("bicubic", True), ("bilinear", False)])
+def test_patch_kernel_pi_resize_equals_timm(mode, antialias):
+    from timm.layers import resample_patch_embed
+
+    kernel = torch.randn(8, 3, 4, 4)
+    for size in ((6, 6), (2, 2), (4, 6)):
+        ours = resample_patch_kernel(kernel, size, mode, antialias)
+        theirs = resample_patch_embed(kernel, list(size), interpolation=mode, antialias=antialias)
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_pi_resized_kernel_gives_the_same_token_for_a_resized_patch():
+    kernel = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+    patches = torch.randn(5, 3, 4, 4, dtype=torch.float64)
+    big = F.interpolate(patches, size=(6, 6), mode="bilinear", antialias=False, align_corners=False)
+    new = resample_patch_kernel(kernel, (6, 6), "bilinear", antialias=False)
+    before = torch.einsum("ncij,dcij->nd", patches, kernel)
+    after = torch.einsum("ncij,dcij->nd", big, new)
+    torch.testing.assert_close(after, before, atol=1e-9, rtol=1e-9)
+    # Loading a /4 model as /6 at 1.5x the resolution keeps the grid and the position table.
+    src = model_config("Ti/4", img_size=32, depth=1, num_classes=10)
+    sd = create_model(src).state_dict()
+    out = adapt_state_dict(sd, src, src.replace(img_size=48, patch=6))
+    assert out["patch_embed.proj.weight"].shape == (192, 3, 6, 6)
+    torch.testing.assert_close(out["pos_embed"], sd["pos_embed"])
 
 
 def test_adapt_state_dict_moves_between_cls_row_layouts():

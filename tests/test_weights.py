@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-from vitscale.errors import CheckpointError
+from vitscale.errors import CheckpointError, ConfigError
 from vitscale.models import create_model, load, read_checkpoint, save
 from vitscale.models.weights import save_timm
 from vitscale.utils.io import atomic_write
@@ -187,3 +187,11 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
         atomic_write(target, broken)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.bin"]  # no temp file left behind
+
+
+def test_override_that_the_model_family_lacks_is_named(tmp_path):
+    from vitscale.models import create_model, save
+
+    save(create_model("asvit:8,2,3|4,1,2|4,1,4|4,1,6|8,8", num_classes=3, img_size=32), tmp_path)
+    with pytest.raises(ConfigError, match="patch: not a setting of .*AsViTConfig; its settings are"):
+        load(tmp_path, patch=6)

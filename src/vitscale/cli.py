@@ -172,7 +172,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     m = evaluate_checkpoint(args.checkpoint, args.data, img_size=args.img_size, split=args.split,
                             batch_size=args.batch_size, reliability_png=args.reliability or None,
-                            loss=args.loss)
+                            loss=args.loss, patch=args.patch)
     if args.json:
         print(json.dumps(m, indent=2))
         return 0
@@ -190,7 +190,7 @@ def cmd_fewshot(args: argparse.Namespace) -> int:
 
     out = fewshot_checkpoint(args.checkpoint, args.data, shots=_ints(args.shots, "--shots"),
                              seeds=args.seeds, l2=_floats(args.l2, "--l2"), img_size=args.img_size,
-                             cache=_cache(args))
+                             cache=_cache(args), patch=args.patch)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -206,7 +206,7 @@ def cmd_linear_probe(args: argparse.Namespace) -> int:
     from vitscale.eval import linear_probe_checkpoint
 
     res = linear_probe_checkpoint(args.checkpoint, args.data, wds=_floats(args.wd, "--wd"),
-                                  img_size=args.img_size, cache=_cache(args))
+                                  img_size=args.img_size, cache=_cache(args), patch=args.patch)
     if args.json:
         print(json.dumps(res.as_dict(), indent=2))
         return 0
@@ -220,7 +220,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from vitscale.eval import finetune
 
     result = finetune(args.checkpoint, args.data, img_size=args.img_size, config=args.config,
-                      overrides=args.overrides, keep_head=args.keep_head)
+                      overrides=args.overrides, keep_head=args.keep_head, patch=args.patch)
     return _report_run(result)
 
 
@@ -306,6 +306,8 @@ def _add_data_args(p: argparse.ArgumentParser, cache: bool = True) -> None:
     p.add_argument("checkpoint", help="any checkpoint `vitscale convert` reads, or a run directory")
     p.add_argument("--data", required=True, help="data source: digits, imagefolder:PATH, hf:NAME, ...")
     p.add_argument("--img-size", type=int, help="evaluate at this resolution (posemb resampled)")
+    p.add_argument("--patch", type=int, help="patch size at that resolution (kernel PI-resized, "
+                   "FlexiViT); e.g. 6 for a /4 model at 1.5x keeps its token grid")
     p.add_argument("--json", action="store_true", help="print JSON")
     if cache:
         p.add_argument("--cache-dir", help="feature cache (default ~/.cache/vitscale/features or "

@@ -28,12 +28,16 @@ def resolve_checkpoint(path: str | Path) -> str:
     return text
 
 
-def load_model(checkpoint: str | Path, img_size: int | None = None, **overrides: Any):
-    """The model of `checkpoint`, at `img_size` when given (position embeddings resampled)."""
+def load_model(checkpoint: str | Path, img_size: int | None = None, patch: int | None = None,
+               **overrides: Any):
+    """The model of `checkpoint`, at `img_size` when given (position embeddings resampled to the
+    new grid), with `patch`-sized patches when given (kernel PI-resized, FlexiViT)."""
     from vitscale.models import load
 
     if img_size:
         overrides["img_size"] = img_size
+    if patch:
+        overrides["patch"] = patch
     return load(resolve_checkpoint(checkpoint), **overrides)
 
 
@@ -95,17 +99,18 @@ def check_classes(model, data) -> None:
 def evaluate_checkpoint(checkpoint: str | Path, source: str, img_size: int | None = None,
                         split: str | None = None, batch_size: int = 256,
                         reliability_png: str | Path | None = None, device: str = "cpu",
-                        loss: str = "softmax") -> dict[str, Any]:
+                        loss: str = "softmax", patch: int | None = None) -> dict[str, Any]:
     """top1 / top5, per-class accuracy, ECE (15 bins), images/s; optionally the reliability
     diagram PNG."""
-    model = load_model(checkpoint, img_size)
+    model = load_model(checkpoint, img_size, patch)
     data = eval_data(model, source, batch_size)
     check_classes(model, data)
     split = split or test_split(data)
     feats = split_features(model, data, split, device=device)
     metrics = classification_metrics(feats.logits, feats.labels, data.num_classes, loss=loss)
     metrics.update(checkpoint=str(checkpoint), data=source, split=split,
-                   img_size=square_size(model), images_per_s=feats.images_per_s)
+                   img_size=square_size(model), patch=getattr(model.cfg, "patch", None),
+                   images_per_s=feats.images_per_s)
     metrics["per_class"] = {data.class_names[c]: acc for c, acc in metrics["per_class"].items()}
     if reliability_png:
         reliability_diagram(metrics["reliability"], reliability_png,
@@ -125,9 +130,9 @@ def fewshot_features(model, data, cache: FeatureCache | None, device: str = "cpu
 def fewshot_checkpoint(checkpoint: str | Path, source: str, shots: Sequence[int] = DEFAULT_SHOTS,
                        seeds: int = DEFAULT_SEEDS, l2: float | Sequence[float] = DEFAULT_L2,
                        img_size: int | None = None, cache: FeatureCache | None = None,
-                       device: str = "cpu") -> dict[str, Any]:
+                       device: str = "cpu", patch: int | None = None) -> dict[str, Any]:
     """Few-shot accuracy (mean and std over seeds) for each number of shots."""
-    model = load_model(checkpoint, img_size)
+    model = load_model(checkpoint, img_size, patch)
     data = eval_data(model, source)
     return fewshot_model(model, data, shots, seeds, l2, cache, device)
 
@@ -150,9 +155,9 @@ def fewshot_model(model, data, shots: Sequence[int] = DEFAULT_SHOTS, seeds: int 
 # ---------------------------------------------------------------------------------- probe
 def linear_probe_checkpoint(checkpoint: str | Path, source: str, wds: Sequence[float] = DEFAULT_WDS,
                             img_size: int | None = None, cache: FeatureCache | None = None,
-                            device: str = "cpu") -> ProbeResult:
+                            device: str = "cpu", patch: int | None = None) -> ProbeResult:
     """Logistic regression on frozen features, weight decay chosen on minival."""
-    model = load_model(checkpoint, img_size)
+    model = load_model(checkpoint, img_size, patch)
     data = eval_data(model, source)
     if data.minival is None:
         raise DataError(f"data.source={source} left no minival slice to choose the weight decay on")
@@ -176,9 +181,10 @@ FINETUNE_DEFAULTS = [
 
 def finetune_config(checkpoint: str | Path, source: str, img_size: int | None = None,
                     config: str | Path | None = None, overrides: Sequence[str] = (),
-                    keep_head: bool = False) -> TrainConfig:
+                    keep_head: bool = False, patch: int | None = None) -> TrainConfig:
     """The TrainConfig of a fine-tuning run: FINETUNE_DEFAULTS, then the YAML `config`, then
-    `overrides` (later wins)."""
+    `overrides` (later wins). `patch` changes the patch size (kernel PI-resized), e.g. to keep
+    the token grid at a higher resolution."""
     ckpt = resolve_checkpoint(checkpoint)
     if img_size is None:
         img_size = square_size(load_model(ckpt))
@@ -188,6 +194,8 @@ def finetune_config(checkpoint: str | Path, source: str, img_size: int | None = 
     fixed = [f"model.init={ckpt}", f"data.source={source}", f"data.img_size={img_size}"]
     if keep_head:
         fixed += ["model.reset_head=false"]
+    if patch:
+        fixed += [f"model.overrides.patch={patch}"]
     if not any(o.startswith("out_dir=") for o in overrides):
         fixed += [f"out_dir=runs/finetune-{Path(ckpt).parent.name or 'model'}-{img_size}px"]
     return load_config(None, [*fixed, *overrides], base=base)
@@ -195,11 +203,11 @@ def finetune_config(checkpoint: str | Path, source: str, img_size: int | None = 
 
 def finetune(checkpoint: str | Path, source: str, img_size: int | None = None,
              config: str | Path | None = None, overrides: Sequence[str] = (),
-             keep_head: bool = False):
+             keep_head: bool = False, patch: int | None = None):
     """Fine-tune `checkpoint` on `source` at `img_size`; a run directory like `vitscale train`."""
     from vitscale.train import run
 
-    return run(finetune_config(checkpoint, source, img_size, config, overrides, keep_head))
+    return run(finetune_config(checkpoint, source, img_size, config, overrides, keep_head, patch))
 
 
 # ---------------------------------------------------------------------------------- select

@@ -1,4 +1,5 @@
-"""Position embeddings: fixed 2-D sin-cos, and resampling a learned grid to a new grid."""
+"""Position embeddings (fixed 2-D sin-cos, resampling a learned grid to a new grid) and
+resampling the patch-embedding kernel to a new patch size (FlexiViT's PI-resize)."""
 
 from __future__ import annotations
 
@@ -75,3 +76,21 @@ def resample_grid(
     grid = F.interpolate(grid, size=new_grid, mode=mode, antialias=antialias, **kwargs)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(dtype)
     return torch.cat([prefix, grid], dim=1)
+
+
+def resample_patch_kernel(weight: torch.Tensor, new_size: tuple[int, int], mode: str = "bicubic",
+                          antialias: bool = True) -> torch.Tensor:
+    """A (D, C, h, w) patch-embedding kernel for (H, W) patches, by FlexiViT's pseudo-inverse
+    resize: with B the matrix that resizes an h x w patch to H x W (`mode`, `antialias`), the new
+    kernel is pinv(B^T) w, so that <B x, w_new> = <x, w> whenever B has full column rank
+    (upsampling): a patch resized to the new size gives the token it gave before."""
+    h, w = weight.shape[-2:]
+    if (h, w) == tuple(new_size):
+        return weight
+    basis = torch.eye(h * w, dtype=torch.float64).reshape(h * w, 1, h, w)
+    resized = F.interpolate(basis, size=tuple(new_size), mode=mode, antialias=antialias,
+                            align_corners=False if mode in ("bilinear", "bicubic") else None)
+    b = resized.reshape(h * w, -1).T  # (H W, h w): column j = resized basis patch j
+    pinv = torch.linalg.pinv(b.T)  # (H W, h w)
+    flat = weight.double().reshape(-1, h * w)  # (D C, h w)
+    return (flat @ pinv.T).reshape(*weight.shape[:2], *new_size).to(weight.dtype)

@@ -10,6 +10,7 @@ vitscale format: a folder with `config.json` ({"format": "vitscale", "model": {.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 
 from vitscale.errors import CheckpointError, ConfigError
 from vitscale.models.config import ModelConfig, pair
-from vitscale.models.posemb import resample_grid
+from vitscale.models.posemb import resample_grid, resample_patch_kernel
 from vitscale.models.registry import SIZES, model_config
 from vitscale.models.tensorfile import read_tensor_file
 from vitscale.models.vit import VisionTransformer
@@ -334,13 +335,23 @@ def _read_folder(folder: Path, known: dict[str, Any]) -> tuple[ModelConfig, dict
 
 
 # ---------------------------------------------------------------------------------- loading
+PATCH_KERNEL = "patch_embed.proj.weight"
+
+
 def adapt_state_dict(
     sd: dict[str, torch.Tensor], src: ModelConfig, dst: ModelConfig, reset_head: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Make a state dict of model `src` fit model `dst`: resample the position-embedding grid,
-    add or drop its class-token row, and drop the head when the class count changes (with
-    `reset_head`)."""
+    """Make a state dict of model `src` fit model `dst`: resample the patch kernel to a new patch
+    size and the position-embedding grid to a new grid, add or drop its class-token row, and
+    drop the head when the class count changes (with `reset_head`)."""
     sd = dict(sd)
+    kernel = sd.get(PATCH_KERNEL)
+    if kernel is not None and tuple(kernel.shape[-2:]) != dst.embed_patch:
+        if src.stem != "patch" or dst.stem != "patch":
+            raise CheckpointError(f"a {src.stem} model's patch size cannot change "
+                                  f"({src.patch} -> {dst.patch}); keep patch={src.patch[0]}")
+        sd[PATCH_KERNEL] = resample_patch_kernel(kernel, dst.embed_patch, dst.resample_mode,
+                                                 dst.resample_antialias)
     pe = sd.get("pos_embed")
     if pe is not None and dst.posemb == "learn":
         src_prefix = 1 if (src.class_token and src.posemb_include_cls) else 0
@@ -408,6 +419,11 @@ def load(path: str | Path, reset_head: bool | None = None, **overrides: Any) -> 
     """
     shape_free = {k: overrides.pop(k) for k in ("heads", "name") if k in overrides}
     src, sd = read_checkpoint(path, **shape_free)
+    fields = [f.name for f in dataclasses.fields(src)]
+    unknown = [k for k in overrides if k not in fields]
+    if unknown:
+        raise ConfigError(f"{', '.join(unknown)}: not a setting of {path}'s {type(src).__name__}; "
+                          f"its settings are {', '.join(fields)}")
     dst = src.replace(**overrides) if overrides else src
     if reset_head is None:
         reset_head = dst.num_classes != src.num_classes

@@ -88,8 +88,9 @@ def resample_patch_kernel(weight: torch.Tensor, new_size: tuple[int, int], mode:
     if (h, w) == tuple(new_size):
         return weight
     basis = torch.eye(h * w, dtype=torch.float64).reshape(h * w, 1, h, w)
-    resized = F.interpolate(basis, size=tuple(new_size), mode=mode, antialias=antialias,
-                            align_corners=False if mode in ("bilinear", "bicubic") else None)
+    smooth = mode in ("bilinear", "bicubic")  # the modes that take antialias / align_corners
+    resized = F.interpolate(basis, size=tuple(new_size), mode=mode, antialias=antialias and smooth,
+                            align_corners=False if smooth else None)
     b = resized.reshape(h * w, -1).T  # (H W, h w): column j = resized basis patch j
     pinv = torch.linalg.pinv(b.T)  # (H W, h w)
     flat = weight.double().reshape(-1, h * w)  # (D C, h w)

@@ -20,6 +20,7 @@ from vitscale.config import load_config
 from vitscale.errors import ConfigError
 from vitscale.train import Trainer, TrainingError, run
 from vitscale.train.checkpoint import latest_checkpoint
+from vitscale.train.loop import restore_determinism
 
 # A model small enough for a CPU test: 16 px digits in 4x4 patches (16 tokens + class token).
 TINY = [
@@ -195,6 +196,17 @@ def test_bad_configs_are_one_line_errors(tmp_path, capsys, override, message):
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_deterministic_switch_is_undone_after_the_run(tmp_path):
+    # torch's switch is process-global; a deterministic run must not leave it on for the next.
+    assert not torch.are_deterministic_algorithms_enabled()
+    trainer = Trainer(tiny(tmp_path / "a", "steps=2", "deterministic=true", "device=cpu"))
+    assert torch.are_deterministic_algorithms_enabled() and trainer.determinism_before == (False, False)
+    run(tiny(tmp_path / "b", "steps=2", "deterministic=true", "device=cpu"))
+    assert torch.are_deterministic_algorithms_enabled()  # the first trainer never ran: still on
+    restore_determinism(trainer.determinism_before)
+    assert not torch.are_deterministic_algorithms_enabled()
 
 
 def test_missing_config_file_and_resume_folder(tmp_path, capsys):

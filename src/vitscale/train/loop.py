@@ -57,12 +57,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_deterministic() -> None:
-    """Deterministic kernels for this process (torch's switch is global): cuBLAS needs a fixed
-    workspace, set before its first use, and cuDNN must not benchmark algorithms."""
+def make_deterministic() -> tuple[bool, bool]:
+    """Deterministic kernels for this process: cuBLAS needs a fixed workspace, set before its
+    first use, and cuDNN must not benchmark algorithms. Returns the previous switches, which
+    are process-global, for `restore_determinism`."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
+    return previous
+
+
+def restore_determinism(previous: tuple[bool, bool]) -> None:
+    torch.use_deterministic_algorithms(previous[0])
+    torch.backends.cudnn.benchmark = previous[1]
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor, kind: str, smoothing: float) -> torch.Tensor:
@@ -152,6 +160,8 @@ def run(config: TrainConfig | str | Path | dict | None = None,
         return trainer.fit()
     finally:
         distributed.shutdown(trainer.created_group)
+        if trainer.determinism_before is not None:  # later runs in this process get theirs back
+            restore_determinism(trainer.determinism_before)
 
 
 class Trainer:
@@ -163,8 +173,7 @@ class Trainer:
         self.run_dir = Path(cfg.out_dir)
         self.world = world_from_env()
         self.device = distributed.device_for(self.world, resolve_device(cfg.device))
-        if cfg.deterministic:
-            make_deterministic()
+        self.determinism_before = make_deterministic() if cfg.deterministic else None
         self.created_group = distributed.init(self.world, self.device)
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
         self.data = build_data(cfg.data, cfg.seed)

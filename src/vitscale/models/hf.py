@@ -24,7 +24,7 @@ from vitscale.errors import CheckpointError, ConfigError
 from vitscale.models.config import ModelConfig
 from vitscale.models.tensorfile import read_tensor_file
 from vitscale.models.vit import VisionTransformer
-from vitscale.utils.io import atomic_write, atomic_write_text, read_json
+from vitscale.utils.io import atomic_write, atomic_write_text, first_line, read_json
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -171,7 +171,7 @@ def _read_sharded(folder: Path, index: Path) -> dict[str, torch.Tensor]:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         shards = sorted(set(weight_map.values()))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{index} is not a valid shard index ({_first_line(exc)})") from None
+        raise CheckpointError(f"{index} is not a valid shard index ({first_line(exc)})") from None
     tensors: dict[str, torch.Tensor] = {}
     for shard in shards:
         tensors.update(read_tensor_file(folder / shard))
@@ -271,7 +271,7 @@ def _config_from_doc(doc: dict[str, Any], sd: dict[str, torch.Tensor], where: Pa
             extra=extra,
         )
     except (ConfigError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{where}: unusable {CONFIG_FILE} ({_first_line(exc)})") from None
+        raise CheckpointError(f"{where}: unusable {CONFIG_FILE} ({first_line(exc)})") from None
 
 
 def _size(value: Any) -> int | tuple[int, int]:
@@ -462,7 +462,7 @@ def download_hub(
             )
         except Exception as exc:  # network, unknown repo or revision, gated repo, offline mode
             raise CheckpointError(
-                f"could not download {HUB_PREFIX}{ref} ({type(exc).__name__}: {_first_line(exc)});"
+                f"could not download {HUB_PREFIX}{ref} ({type(exc).__name__}: {first_line(exc)});"
                 " check the repository name and revision, the network and HF_TOKEN, or pass a "
                 "local model folder"
             ) from None
@@ -485,11 +485,6 @@ def download_hub(
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
 def _short(items: list[str], n: int = 4) -> str:
     more = f" (+{len(items) - n} more)" if len(items) > n else ""
     return ", ".join(items[:n]) + more

@@ -56,5 +56,10 @@ def read_json(path: str | os.PathLike, error: type[Exception], fix: str) -> Any:
     except OSError as exc:
         raise error(f"cannot read {path} ({exc.strerror or type(exc).__name__}); {fix}") from None
     except ValueError as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise error(f"{path} is not valid JSON ({first}); {fix}") from None
+        raise error(f"{path} is not valid JSON ({first_line(exc)}); {fix}") from None
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message cut to one line of at most 200 characters, for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -67,7 +67,7 @@ def digits_table(checkpoint: str, img_size: int, finetune_steps: int) -> None:
     from vitscale.eval import load_model
 
     how = ("learned position embeddings resampled" if load_model(checkpoint).cfg.posemb == "learn"
-           else "sin-cos position embeddings recomputed for the larger grid")
+           else "sin-cos positions measured on the trained grid")
     print(f"| own head at {img_size} px, before fine-tuning | {before['top1']:.4f} | {how} |")
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()

@@ -146,6 +146,39 @@ def test_sincos_matches_big_vision_formula():
     np.testing.assert_allclose(sincos_2d((h, w), width).numpy(), expected, atol=1e-6)
 
 
+def test_sincos_on_a_reference_grid_keeps_patch_positions():
+    """A 12x8 grid measured in a 4x6 grid's units: patch centres where they fall on that grid,
+    computed here patch by patch; the grid's own units give big_vision's integers."""
+    width, grid, ref = 8, (12, 8), (4, 6)
+    omega = 1.0 / 10000 ** (np.arange(width // 4) / (width // 4 - 1))
+    rows = []
+    for y in range(grid[0]):
+        for x in range(grid[1]):
+            py = (y + 0.5) * ref[0] / grid[0] - 0.5  # e.g. y = 1 -> 0.5 / 3 - 0.5 + 1 / 3
+            px = (x + 0.5) * ref[1] / grid[1] - 0.5
+            rows.append(np.concatenate([np.sin(px * omega), np.cos(px * omega),
+                                        np.sin(py * omega), np.cos(py * omega)]))
+    np.testing.assert_allclose(sincos_2d(grid, width, ref_grid=ref).numpy(), np.stack(rows),
+                               atol=1e-6)
+    assert torch.equal(sincos_2d(grid, width, ref_grid=grid), sincos_2d(grid, width))
+    # Any grid of the reference's size is the reference itself, exactly.
+    assert torch.equal(sincos_2d(ref, width, ref_grid=ref), sincos_2d(ref, width))
+
+
+def test_sincos_model_at_another_input_size_keeps_positions(images):
+    """A dynamic-size forward at 48 px equals the model rebuilt at 48 px (weights loaded), both
+    with positions measured on the trained 4x4 grid."""
+    model = tiny(pool="gap", posemb="sincos2d", dynamic_img_size=True).eval()
+    randomize(model)
+    at48 = tiny(pool="gap", posemb="sincos2d", img_size=48, posemb_ref_grid=(4, 4)).eval()
+    at48.load_state_dict(model.state_dict())
+    big = F.interpolate(images, size=48, mode="bilinear")
+    with torch.no_grad():
+        torch.testing.assert_close(model(big), at48(big), atol=1e-6, rtol=0)
+    expected = sincos_2d((6, 6), model.cfg.width, ref_grid=(4, 4))
+    torch.testing.assert_close(at48.pos_embed_fixed[0], expected)
+
+
 @pytest.mark.parametrize("img_size,patch", [((32, 48), 8), ((32, 32), (8, 4))])
 def test_non_square_grid_matches_timm(img_size, patch):
     x = torch.randn(2, 3, *img_size)

@@ -195,3 +195,28 @@ def test_override_that_the_model_family_lacks_is_named(tmp_path):
     save(create_model("asvit:8,2,3|4,1,2|4,1,4|4,1,6|8,8", num_classes=3, img_size=32), tmp_path)
     with pytest.raises(ConfigError, match="patch: not a setting of .*AsViTConfig; its settings are"):
         load(tmp_path, patch=6)
+
+
+def test_sincos_model_at_a_new_size_keeps_the_trained_positions(tmp_path):
+    """Loading a sin-cos model on another grid measures positions on the trained grid (what
+    resampling does to a learned table), survives save/load, and stays with the first grid
+    through a second resize; naming the new grid gives big_vision's integer positions."""
+    from vitscale.models.bigvision import write_npz
+    from vitscale.models.posemb import sincos_2d
+
+    save(ours(pool="gap", posemb="sincos2d"), tmp_path / "at32")  # 4x4 grid
+    at48 = load(tmp_path / "at32", img_size=48)
+    assert at48.cfg.posemb_ref_grid == (4, 4)
+    torch.testing.assert_close(at48.pos_embed_fixed[0], sincos_2d((6, 6), 64, ref_grid=(4, 4)))
+    save(at48, tmp_path / "at48")
+    assert load(tmp_path / "at48").cfg.posemb_ref_grid == (4, 4)
+    at64 = load(tmp_path / "at48", img_size=64)
+    assert at64.cfg.posemb_ref_grid == (4, 4)
+    assert load(tmp_path / "at48", img_size=32).cfg.posemb_ref_grid is None  # back home
+    recomputed = load(tmp_path / "at32", img_size=48, posemb_ref_grid=(6, 6))
+    assert recomputed.cfg.posemb_ref_grid is None
+    torch.testing.assert_close(recomputed.pos_embed_fixed[0], sincos_2d((6, 6), 64))
+    with pytest.raises(CheckpointError, match="cannot store sin-cos positions on another grid"):
+        write_npz(at48.cfg, at48.state_dict(), tmp_path / "x.npz")
+    with pytest.raises(ConfigError, match="posemb_ref_grid=.* needs posemb='sincos2d'"):
+        ours(posemb="learn", posemb_ref_grid=(2, 2))

@@ -471,6 +471,9 @@ def _check_writable(cfg: ModelConfig, layout: str) -> None:
         problems.append("posemb='none' (readers take a missing posemb for sincos2d)")
     if cfg.posemb == "learn" and cfg.grid_size[0] != cfg.grid_size[1]:
         problems.append(f"a non-square {cfg.grid_size[0]}x{cfg.grid_size[1]} posemb grid")
+    if cfg.posemb_ref_grid is not None:
+        problems.append("sin-cos positions on another grid's scale (posemb_ref_grid; big_vision "
+                        "recomputes them for its own grid)")
     if problems:
         raise CheckpointError(
             f"the big_vision .npz format cannot store {', '.join(problems)}; save in vitscale or "

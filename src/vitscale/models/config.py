@@ -49,6 +49,9 @@ class ModelConfig:
     posemb: str = "learn"
     posemb_include_cls: bool = True  # learned posemb has a row for the class token (ViT / timm)
     posemb_init_std: float = 0.02
+    # sincos2d: measure positions in this grid's units (set when weights move to another grid,
+    # so patches keep the positions they had in training); None: the model's own grid.
+    posemb_ref_grid: tuple[int, int] | None = None
     # Encoder block.
     block: str = "sequential"
     qk_norm: bool = False
@@ -85,6 +88,10 @@ class ModelConfig:
         self.img_size = pair(self.img_size)
         self.patch = pair(self.patch)
         self.hybrid_layers = tuple(int(v) for v in self.hybrid_layers)
+        if self.posemb_ref_grid is not None:
+            self.posemb_ref_grid = pair(self.posemb_ref_grid)
+            if self.posemb_ref_grid == self.grid_size:
+                self.posemb_ref_grid = None  # the same thing, said one way
         if self.class_token is None:
             self.class_token = self.pool == "token"
         self.validate()
@@ -167,6 +174,10 @@ class ModelConfig:
                     f"image {side} {size} is not divisible by patch {p}; use an img_size that is a "
                     f"multiple of the patch size (e.g. {max(p, size // p * p)})"
                 )
+        if self.posemb_ref_grid is not None and (
+                self.posemb != "sincos2d" or min(self.posemb_ref_grid) < 1):
+            raise ConfigError(f"model.posemb_ref_grid={self.posemb_ref_grid} needs "
+                              "posemb='sincos2d' and a positive grid; remove it")
         if self.posemb == "sincos2d" and self.width % 4:
             raise ConfigError(f"model.posemb='sincos2d' needs width divisible by 4, got {self.width}")
         if self.pool == "token" and not self.class_token:
@@ -177,8 +188,9 @@ class ModelConfig:
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        for key in ("img_size", "patch", "hybrid_layers"):
-            out[key] = list(out[key])
+        for key in ("img_size", "patch", "hybrid_layers", "posemb_ref_grid"):
+            if out[key] is not None:
+                out[key] = list(out[key])
         return out
 
     @classmethod

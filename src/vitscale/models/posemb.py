@@ -11,22 +11,31 @@ import torch.nn.functional as F
 from vitscale.errors import CheckpointError
 
 
-def sincos_2d(grid: tuple[int, int], width: int, temperature: float = 10_000.0) -> torch.Tensor:
+def sincos_2d(grid: tuple[int, int], width: int, temperature: float = 10_000.0,
+              ref_grid: tuple[int, int] | None = None) -> torch.Tensor:
     """Fixed 2-D sin-cos embedding (MoCo v3 / big_vision), shape (gh * gw, width).
 
     With K = width / 4 and omega_k = temperature ** -(k / (K - 1)), the patch at (row y, col x)
     gets [sin(x omega), cos(x omega), sin(y omega), cos(y omega)]; rows are flattened row-major.
+    `ref_grid` (rh, rw): measure positions in that grid's units instead, so the patch centres of
+    `grid` sit where they fall on the reference grid over the same image, x -> (x + 1/2) rw / gw
+    - 1/2 (what resampling does to a learned table); None or `grid` itself gives big_vision's
+    integer positions.
     """
     if width % 4:
         raise ValueError(f"sincos_2d needs width divisible by 4, got {width}")
     gh, gw = grid
+    rh, rw = ref_grid or grid
     quarter = width // 4
     # big_vision divides by (K - 1) so that omega spans exactly [1, 1/temperature].
     k = torch.arange(quarter, dtype=torch.float64) / max(quarter - 1, 1)
     omega = 1.0 / temperature**k
-    y, x = torch.meshgrid(
-        torch.arange(gh, dtype=torch.float64), torch.arange(gw, dtype=torch.float64), indexing="ij"
-    )
+
+    def positions(n: int, ref: int) -> torch.Tensor:
+        i = torch.arange(n, dtype=torch.float64)
+        return i if n == ref else (i + 0.5) * (ref / n) - 0.5
+
+    y, x = torch.meshgrid(positions(gh, rh), positions(gw, rw), indexing="ij")
     ax = x.reshape(-1, 1) * omega
     ay = y.reshape(-1, 1) * omega
     emb = torch.cat([ax.sin(), ax.cos(), ay.sin(), ay.cos()], dim=1)

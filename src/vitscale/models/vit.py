@@ -55,8 +55,8 @@ class VisionTransformer(nn.Module):
         else:
             self.pos_embed = None
         if cfg.posemb == "sincos2d":
-            # Fixed, so not part of the state dict; recomputed for any other grid.
-            fixed = sincos_2d(cfg.grid_size, d).unsqueeze(0)
+            # Fixed, so not part of the state dict; positions in posemb_ref_grid units when set.
+            fixed = sincos_2d(cfg.grid_size, d, ref_grid=cfg.posemb_ref_grid).unsqueeze(0)
             self.register_buffer("pos_embed_fixed", fixed, persistent=False)
         self.pos_drop = nn.Dropout(cfg.dropout)
 
@@ -136,8 +136,9 @@ class VisionTransformer(nn.Module):
         cfg = self.cfg
         if cfg.posemb == "sincos2d":
             pe = self.pos_embed_fixed
-            if tuple(grid) != cfg.grid_size:
-                pe = sincos_2d(grid, cfg.width).unsqueeze(0).to(x.device)
+            if tuple(grid) != cfg.grid_size:  # keep the trained geometry, as a resampled table
+                ref = cfg.posemb_ref_grid or cfg.grid_size
+                pe = sincos_2d(grid, cfg.width, ref_grid=ref).unsqueeze(0).to(x.device)
             x = x + pe.to(x.dtype)
         elif cfg.posemb == "learn":
             pe = self.pos_embed

@@ -413,7 +413,8 @@ def _short(items: list[str], n: int = 4) -> str:
 def load(path: str | Path, reset_head: bool | None = None, **overrides: Any) -> VisionTransformer:
     """Rebuild a model from any supported checkpoint; `overrides` change the config.
 
-    `img_size=384` resamples the position embeddings to the new grid; a different
+    `img_size=384` resamples the position embeddings to the new grid (sin-cos ones keep the
+    positions of the trained grid, `posemb_ref_grid`); a different
     `num_classes` puts a new zero-initialised head on top (fine-tuning). Fields that the file
     cannot tell (heads of a bare timm state dict, say) can be passed the same way.
     """
@@ -425,6 +426,11 @@ def load(path: str | Path, reset_head: bool | None = None, **overrides: Any) -> 
         raise ConfigError(f"{', '.join(unknown)}: not a setting of {path}'s {type(src).__name__}; "
                           f"its settings are {', '.join(fields)}")
     dst = src.replace(**overrides) if overrides else src
+    if (getattr(dst, "posemb", None) == "sincos2d" and dst.grid_size != src.grid_size
+            and "posemb_ref_grid" not in overrides):
+        # Sin-cos positions stay where training put them on the image (as resampling a learned
+        # table does); big_vision's integer positions on the new grid: posemb_ref_grid=new grid.
+        dst = dst.replace(posemb_ref_grid=src.posemb_ref_grid or src.grid_size)
     if reset_head is None:
         reset_head = dst.num_classes != src.num_classes
     from vitscale.models.registry import build

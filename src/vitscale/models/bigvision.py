@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from vitscale.errors import CheckpointError, ConfigError
-from vitscale.models.config import ModelConfig
+from vitscale.models.config import IMG_SIZE_ASSUMED, ModelConfig
 from vitscale.utils.io import atomic_write
 
 LAYOUTS = ("augreg", "big_vision")
@@ -366,10 +366,11 @@ def _infer_config(params: dict[str, torch.Tensor], posemb: torch.Tensor | None, 
     cfg["patch"] = patch
 
     if posemb is None:
-        # big_vision's sincos2d posemb is not a parameter; the grid it was trained on is not
-        # stored, so assume 224 px (it is recomputed for any input size anyway).
+        # big_vision's sincos2d posemb is not a parameter and the grid it was trained on is not
+        # stored: assume 224 px, and let load(img_size=N) say the real size (IMG_SIZE_ASSUMED).
         cfg["posemb"] = "sincos2d"
         cfg["img_size"] = tuple(max(p, 224 // p * p) for p in patch)
+        cfg["extra"][IMG_SIZE_ASSUMED] = True
         cfg["posemb_include_cls"] = False
     else:
         rows = posemb.shape[-2]

@@ -17,6 +17,11 @@ GAP_NORMS = ("tokens", "pooled")
 RESAMPLE_MODES = ("bicubic", "bilinear")
 
 
+# extra[...] of a config whose img_size is a guess (the file does not record it); load() then
+# takes a requested img_size as the size the weights were trained at, not as a resize.
+IMG_SIZE_ASSUMED = "img_size_assumed"
+
+
 def pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     """(h, w) from an int or a 2-sequence."""
     if isinstance(value, int):

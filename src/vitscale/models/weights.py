@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from vitscale.errors import CheckpointError, ConfigError
-from vitscale.models.config import ModelConfig, pair
+from vitscale.models.config import IMG_SIZE_ASSUMED, ModelConfig, pair
 from vitscale.models.posemb import resample_grid, resample_patch_kernel
 from vitscale.models.registry import SIZES, model_config
 from vitscale.models.tensorfile import read_tensor_file
@@ -420,6 +420,10 @@ def load(path: str | Path, reset_head: bool | None = None, **overrides: Any) -> 
     """
     shape_free = {k: overrides.pop(k) for k in ("heads", "name") if k in overrides}
     src, sd = read_checkpoint(path, **shape_free)
+    extra = getattr(src, "extra", None) or {}
+    if extra.get(IMG_SIZE_ASSUMED) and "img_size" in overrides:  # the file cannot tell its size
+        src = src.replace(img_size=overrides["img_size"],
+                          extra={k: v for k, v in extra.items() if k != IMG_SIZE_ASSUMED})
     fields = [f.name for f in dataclasses.fields(src)]
     unknown = [k for k in overrides if k not in fields]
     if unknown:

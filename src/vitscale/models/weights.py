@@ -414,9 +414,9 @@ def load(path: str | Path, reset_head: bool | None = None, **overrides: Any) -> 
     """Rebuild a model from any supported checkpoint; `overrides` change the config.
 
     `img_size=384` resamples the position embeddings to the new grid (sin-cos ones keep the
-    positions of the trained grid, `posemb_ref_grid`); a different
-    `num_classes` puts a new zero-initialised head on top (fine-tuning). Fields that the file
-    cannot tell (heads of a bare timm state dict, say) can be passed the same way.
+    positions of the trained grid, `posemb_ref_grid`); a different `num_classes` puts a new
+    zero-initialised head on top (fine-tuning). Fields that the file cannot tell (heads of a bare
+    timm state dict, the img_size of a big_vision sin-cos .npz) are passed the same way.
     """
     shape_free = {k: overrides.pop(k) for k in ("heads", "name") if k in overrides}
     src, sd = read_checkpoint(path, **shape_free)

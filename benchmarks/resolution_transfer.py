@@ -29,20 +29,12 @@ from pathlib import Path
 import torch
 
 from vitscale.config import load_config
-from vitscale.eval import evaluate_checkpoint, finetune
-from vitscale.eval.api import eval_data, load_model, split_features, test_split
-from vitscale.eval.classify import classification_metrics
+from vitscale.eval import evaluate_checkpoint, evaluate_model, finetune, load_model
 from vitscale.train import run
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 SOURCE = ["model.name=Ti/4", "data.img_size=32", "data.crop_scale_min=0.3", "progress=false"]
 FINETUNE = ["data.crop_scale_min=0.3", "progress=false"]
-
-
-def test_accuracy(model) -> float:
-    data = eval_data(model, "digits")
-    feats = split_features(model, data, test_split(data))
-    return classification_metrics(feats.logits, feats.labels, data.num_classes)["top1"]
 
 
 def accuracy_with_logit_scale(checkpoint: Path, img_size: int, scale: float) -> float:
@@ -54,7 +46,7 @@ def accuracy_with_logit_scale(checkpoint: Path, img_size: int, scale: float) -> 
             qkv.weight[: qkv.in_features] *= scale
             if qkv.bias is not None:
                 qkv.bias[: qkv.in_features] *= scale
-    return test_accuracy(model)
+    return evaluate_model(model, "digits")["top1"]
 
 
 def main() -> None:
@@ -84,10 +76,12 @@ def main() -> None:
             at_source = source.metrics["test/accuracy"]
             before = evaluate_checkpoint(src, "digits", img_size=48)["top1"]
             same_grid = evaluate_checkpoint(src, "digits", img_size=48, patch=6)["top1"]
-            extra = [accuracy_with_logit_scale(src, 48, args.attn_logit_scale)
-                     ] if args.attn_logit_scale else []
+            extra = []
+            if args.attn_logit_scale:
+                extra.append(accuracy_with_logit_scale(src, 48, args.attn_logit_scale))
             if args.posemb == "sincos2d":  # sin-cos recomputed on the 12x12 grid
-                extra.append(test_accuracy(load_model(src, 48, posemb_ref_grid=(12, 12))))
+                integer = load_model(src, 48, posemb_ref_grid=(12, 12))
+                extra.append(evaluate_model(integer, "digits")["top1"])
             extra_cells = "".join(f" {a:.4f} |" for a in extra)
             tuned = finetune(src, "digits", img_size=48, keep_head=True,
                              overrides=[*FINETUNE, f"epochs={args.finetune_epochs}",

@@ -154,7 +154,7 @@ def test_sincos_on_a_reference_grid_keeps_patch_positions():
     rows = []
     for y in range(grid[0]):
         for x in range(grid[1]):
-            py = (y + 0.5) * ref[0] / grid[0] - 0.5  # e.g. y = 1 -> 0.5 / 3 - 0.5 + 1 / 3
+            py = (y + 0.5) * ref[0] / grid[0] - 0.5
             px = (x + 0.5) * ref[1] / grid[1] - 0.5
             rows.append(np.concatenate([np.sin(px * omega), np.cos(px * omega),
                                         np.sin(py * omega), np.cos(py * omega)]))

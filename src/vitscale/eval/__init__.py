@@ -3,6 +3,7 @@ linear probes, fine-tuning and checkpoint selection (see `api` for the checkpoin
 
 from vitscale.eval.api import (
     evaluate_checkpoint,
+    evaluate_model,
     fewshot_checkpoint,
     fewshot_model,
     finetune,
@@ -18,7 +19,8 @@ from vitscale.eval.linear_probe import ProbeResult, fit_probe, linear_probe
 
 __all__ = [
     "FeatureCache", "Features", "FewShotResult", "ProbeResult", "RidgeSolver",
-    "classification_metrics", "evaluate_checkpoint", "expected_calibration_error", "extract",
+    "classification_metrics", "evaluate_checkpoint", "evaluate_model", "expected_calibration_error",
+    "extract",
     "fewshot_checkpoint", "fewshot_eval", "fewshot_model", "finetune", "finetune_config",
     "fit_probe", "linear_probe", "linear_probe_checkpoint", "load_model", "rank_checkpoints",
     "reliability_diagram",

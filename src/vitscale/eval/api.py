@@ -102,21 +102,28 @@ def evaluate_checkpoint(checkpoint: str | Path, source: str, img_size: int | Non
                         loss: str = "softmax", patch: int | None = None) -> dict[str, Any]:
     """top1 / top5, per-class accuracy, ECE (15 bins), images/s; optionally the reliability
     diagram PNG."""
-    model = load_model(checkpoint, img_size, patch)
+    metrics = evaluate_model(load_model(checkpoint, img_size, patch), source, split, batch_size,
+                             device, loss)
+    metrics = {"checkpoint": str(checkpoint), **metrics}
+    if reliability_png:
+        reliability_diagram(metrics["reliability"], reliability_png,
+                            f"{Path(str(checkpoint)).name} on {source} ({metrics['split']}): "
+                            f"ECE {metrics['ece']:.3f}")
+        metrics["reliability_png"] = str(reliability_png)
+    return metrics
+
+
+def evaluate_model(model, source: str, split: str | None = None, batch_size: int = 256,
+                   device: str = "cpu", loss: str = "softmax") -> dict[str, Any]:
+    """evaluate_checkpoint's metrics for a model in memory (one changed after loading, say)."""
     data = eval_data(model, source, batch_size)
     check_classes(model, data)
     split = split or test_split(data)
     feats = split_features(model, data, split, device=device)
     metrics = classification_metrics(feats.logits, feats.labels, data.num_classes, loss=loss)
-    metrics.update(checkpoint=str(checkpoint), data=source, split=split,
-                   img_size=square_size(model), patch=getattr(model.cfg, "patch", None),
-                   images_per_s=feats.images_per_s)
+    metrics.update(data=source, split=split, img_size=square_size(model),
+                   patch=getattr(model.cfg, "patch", None), images_per_s=feats.images_per_s)
     metrics["per_class"] = {data.class_names[c]: acc for c, acc in metrics["per_class"].items()}
-    if reliability_png:
-        reliability_diagram(metrics["reliability"], reliability_png,
-                            f"{Path(str(checkpoint)).name} on {source} ({split}): "
-                            f"ECE {metrics['ece']:.3f}")
-        metrics["reliability_png"] = str(reliability_png)
     return metrics
 
 

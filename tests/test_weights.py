@@ -175,6 +175,32 @@ def test_timm_export_round_trip(tmp_path):
         assert torch.equal(back[k], v)
 
 
+@pytest.mark.parametrize("kw, timm_kw", [
+    (dict(pool="gap", class_token=False, gap_norm="pooled"),
+     dict(global_pool="avg", class_token=False)),
+    (dict(pool="token"), dict(no_embed_class=True)),
+    # loaded at 48 px: positions measured on the trained 4x4 grid, not integers on 6x6
+    (dict(pool="token", img_size=48, posemb_ref_grid=(4, 4)), dict(img_size=48, no_embed_class=True)),
+])
+def test_sincos_model_exports_to_timm_with_its_fixed_table(tmp_path, kw, timm_kw):
+    model = ours(posemb="sincos2d", **kw)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_timm(model, tmp_path / "out.safetensors")
+    theirs = TimmViT(**{"img_size": 32, "patch_size": 8, **TINY, **timm_kw}).eval()
+    from safetensors.torch import load_file
+
+    theirs.load_state_dict(load_file(str(tmp_path / "out.safetensors")))  # strict: nothing missing
+    size = model.cfg.img_size[0]
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(4))
+    back = load(tmp_path / "out.safetensors", heads=4)
+    assert back.cfg.posemb == "learn" and not back.cfg.posemb_include_cls
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), model(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(back(x), model(x), atol=1e-5, rtol=0)
+
+
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     target = tmp_path / "ckpt.bin"
     target.write_bytes(b"old")

@@ -448,8 +448,14 @@ def load(path: str | Path, reset_head: bool | None = None, **overrides: Any) -> 
 
 
 def to_timm_state_dict(model: VisionTransformer) -> dict[str, torch.Tensor]:
-    """The model's weights as timm names them (parallel blocks in ParallelScalingBlock layout)."""
+    """The model's weights as timm names them (parallel blocks in ParallelScalingBlock layout).
+
+    timm has no fixed sin-cos embedding, so a sin-cos model's table (its trained-grid positions
+    included) is written as `pos_embed`, patch rows only: timm's VisionTransformer with
+    `no_embed_class=True` (or no class token) then gives the same outputs."""
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if model.cfg.posemb == "sincos2d":
+        sd["pos_embed"] = model.pos_embed_fixed.detach().cpu().clone()
     return vitscale_parallel_to_timm(sd) if model.cfg.block == "parallel" else sd
 
 

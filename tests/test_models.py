@@ -179,6 +179,32 @@ def test_sincos_model_at_another_input_size_keeps_positions(images):
     torch.testing.assert_close(at48.pos_embed_fixed[0], expected)
 
 
+def test_learned_posemb_with_a_sincos_start(images, tmp_path):
+    """posemb_init='sincos2d': the learned table starts as the fixed sin-cos one (class-token row
+    zero), so the model computes what the fixed-table model does; resampled to a larger grid it
+    stays within a few percent of the sin-cos positions measured on the trained grid."""
+    from vitscale.models import load, save
+
+    learned = tiny(posemb="learn", posemb_init="sincos2d")
+    assert torch.equal(learned.pos_embed[0, 0], torch.zeros(64))
+    assert torch.equal(learned.pos_embed[0, 1:], sincos_2d((4, 4), 64))
+    fixed = tiny(posemb="sincos2d")
+    randomize(fixed)
+    missing = learned.load_state_dict(fixed.state_dict(), strict=False).missing_keys
+    assert missing == ["pos_embed"]
+    with torch.no_grad():
+        torch.testing.assert_close(learned(images), fixed(images), atol=1e-6, rtol=0)
+    save(learned, tmp_path / "m")
+    table = load(tmp_path / "m", img_size=48).pos_embed[0, 1:].detach()
+    exact = sincos_2d((6, 6), 64, ref_grid=(4, 4))
+    assert (table - exact).norm() / exact.norm() < 0.05
+    assert (sincos_2d((6, 6), 64) - exact).norm() / exact.norm() > 0.2  # what 0.05 rules out
+    with pytest.raises(ConfigError, match="posemb_init='bogus' is not valid"):
+        ModelConfig(posemb_init="bogus")
+    with pytest.raises(ConfigError, match="width divisible by 4"):
+        ModelConfig(width=66, heads=6, posemb_init="sincos2d")
+
+
 @pytest.mark.parametrize("img_size,patch", [((32, 48), 8), ((32, 32), (8, 4))])
 def test_non_square_grid_matches_timm(img_size, patch):
     x = torch.randn(2, 3, *img_size)

@@ -10,6 +10,7 @@ from vitscale.errors import ConfigError
 
 POOLS = ("token", "gap", "map", "none")
 POSEMBS = ("learn", "sincos2d", "none")
+POSEMB_INITS = ("normal", "sincos2d")
 BLOCKS = ("sequential", "parallel")
 STEMS = ("patch", "hybrid")
 ACTS = ("gelu", "gelu_tanh")
@@ -54,6 +55,9 @@ class ModelConfig:
     posemb: str = "learn"
     posemb_include_cls: bool = True  # learned posemb has a row for the class token (ViT / timm)
     posemb_init_std: float = 0.02
+    # Learned posemb start: "normal" N(0, posemb_init_std) (ViT, timm) or "sincos2d" (the fixed
+    # table's values, class-token row zero), a smooth table that resamples to other grids well.
+    posemb_init: str = "normal"
     # sincos2d: measure positions in this grid's units (set when weights move to another grid,
     # so patches keep the positions they had in training); None: the model's own grid.
     posemb_ref_grid: tuple[int, int] | None = None
@@ -142,6 +146,7 @@ class ModelConfig:
         choices = {
             "pool": (self.pool, POOLS),
             "posemb": (self.posemb, POSEMBS),
+            "posemb_init": (self.posemb_init, POSEMB_INITS),
             "block": (self.block, BLOCKS),
             "stem": (self.stem, STEMS),
             "act": (self.act, ACTS),
@@ -183,8 +188,9 @@ class ModelConfig:
                 self.posemb != "sincos2d" or min(self.posemb_ref_grid) < 1):
             raise ConfigError(f"model.posemb_ref_grid={self.posemb_ref_grid} needs "
                               "posemb='sincos2d' and a positive grid; remove it")
-        if self.posemb == "sincos2d" and self.width % 4:
-            raise ConfigError(f"model.posemb='sincos2d' needs width divisible by 4, got {self.width}")
+        if "sincos2d" in (self.posemb, self.posemb_init) and self.width % 4:
+            raise ConfigError(f"model.posemb='sincos2d' and model.posemb_init='sincos2d' need a "
+                              f"width divisible by 4, got {self.width}")
         if self.pool == "token" and not self.class_token:
             raise ConfigError("model.pool='token' needs model.class_token=true")
         if self.qk_norm and self.head_dim < 1:

@@ -87,7 +87,8 @@ class VisionTransformer(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """big_vision initialisation: xavier-uniform dense kernels, lecun-normal patch conv,
-        N(0, 1e-6) MLP biases, N(0, posemb_init_std) learned posemb, zero class token."""
+        N(0, 1e-6) MLP biases, N(0, posemb_init_std) learned posemb (or its sin-cos start),
+        zero class token."""
         cfg = self.cfg
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
@@ -107,7 +108,11 @@ class VisionTransformer(nn.Module):
         nn.init.trunc_normal_(proj.weight, std=math.sqrt(1.0 / fan_in) / 0.87962566103423978)
         if proj.bias is not None:
             nn.init.zeros_(proj.bias)
-        if self.pos_embed is not None:
+        if self.pos_embed is not None and cfg.posemb_init == "sincos2d":
+            prefix = 1 if self.posemb_has_cls else 0
+            nn.init.zeros_(self.pos_embed[:, :prefix])
+            self.pos_embed[:, prefix:] = sincos_2d(cfg.grid_size, cfg.width)
+        elif self.pos_embed is not None:
             nn.init.normal_(self.pos_embed, std=cfg.posemb_init_std)
         if self.cls_token is not None:
             nn.init.zeros_(self.cls_token)

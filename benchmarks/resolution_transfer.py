@@ -28,7 +28,6 @@ came from attention spreading over more tokens, this column would recover it.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 
 from vitscale.config import load_config
-from vitscale.eval import evaluate_checkpoint, evaluate_model, finetune, load_model
+from vitscale.eval import evaluate_checkpoint, evaluate_model, finetune_sweep, load_model
 from vitscale.train import run
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -57,23 +56,8 @@ def accuracy_with_logit_scale(checkpoint: Path, img_size: int, scale: float) -> 
     return evaluate_model(model, "digits")["top1"]
 
 
-def final_minival(run_dir: Path) -> float:
-    """The minival accuracy of the run's last weights (its last minival row in metrics.jsonl)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r.get("split") == "minival"][-1]["minival/accuracy"]
-
-
-def finetune_best(src: Path, img_size: int, lrs: list[float], recipe: list[str], out: Path):
-    """Fine-tune at each learning rate and keep the run whose last weights score best on minival,
-    as the ViT paper chooses its fine-tuning learning rate (ties: the first, smallest given)."""
-    best = None
-    for lr in lrs:
-        result = finetune(src, "digits", img_size=img_size, keep_head=True,
-                          overrides=[*recipe, f"optim.lr={lr}", f"out_dir={out}-lr{lr:g}"])
-        score = final_minival(result.run_dir)
-        if best is None or score > best[2]:
-            best = (result, lr, score)
-    return best[0], best[1]
+def chosen_lr(rows: list[dict]) -> str:
+    return next(f"{r['lr']:g}" for r in rows if r["chosen"])
 
 
 def main() -> None:
@@ -126,13 +110,15 @@ def main() -> None:
                 integer = load_model(src, 48, posemb_ref_grid=(12, 12))
                 extra.append(evaluate_model(integer, "digits")["top1"])
             recipe = [*FINETUNE, f"epochs={args.finetune_epochs}", f"seed={seed}"]
-            tuned, lr = finetune_best(src, 48, args.lr, recipe, Path(tmp) / "ft48")
-            chosen = [f"{lr:g}"]
+            tuned, rows = finetune_sweep(src, "digits", args.lr, img_size=48, keep_head=True,
+                                         overrides=[*recipe, f"out_dir={Path(tmp) / 'ft48'}"])
+            chosen = [chosen_lr(rows)]
             if args.control:
-                control, control_lr = finetune_best(src, 32, args.lr, recipe, Path(tmp) / "ft32")
+                control, rows = finetune_sweep(src, "digits", args.lr, img_size=32, keep_head=True,
+                                               overrides=[*recipe, f"out_dir={Path(tmp) / 'ft32'}"])
                 extra.append(control.metrics["test/accuracy"])
                 control_gains.append(control.metrics["test/accuracy"] - at_source)
-                chosen.append(f"{control_lr:g}")
+                chosen.append(chosen_lr(rows))
             extra_cells = "".join(f" {a:.4f} |" for a in extra)
             if len(args.lr) > 1:
                 extra_cells += f" {' / '.join(chosen)} |"

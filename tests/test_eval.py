@@ -22,6 +22,7 @@ from vitscale.eval import (
     evaluate_model,
     fewshot_checkpoint,
     fewshot_eval,
+    finetune_sweep,
     fit_probe,
     linear_probe_checkpoint,
     load_model,
@@ -224,6 +225,30 @@ def test_sincos_model_keeps_accuracy_at_a_higher_resolution(tmp_path):
     integer = load_model(tmp_path, img_size=24, posemb_ref_grid=(12, 12))
     recomputed = evaluate_model(integer, "digits")["top1"]
     assert recomputed < kept - 0.3, (kept, recomputed)  # seeds 0-2: -61, -53, -54 points
+
+
+def test_finetune_learning_rate_sweep_keeps_the_best_on_minival(trained, tmp_path, capsys):
+    """`--lr a,b`: one run per rate; the kept one is the best by its last minival evaluation,
+    read back here from each run's metrics.jsonl (the loop's own log)."""
+    run_dir, _ = trained
+    out = tmp_path / "sweep"
+    assert main(["finetune", str(run_dir), "--data", "digits", "--keep-head", "--lr", "1e-5,0.03",
+                 "steps=20", "eval_every=20", "progress=false", f"out_dir={out}"]) == 0
+    printed = capsys.readouterr().out
+    minival = {}
+    for lr in ("1e-05", "0.03"):
+        rows = [json.loads(line) for line in (out / f"lr-{lr}" / "metrics.jsonl").open()]
+        minival[float(lr)] = [r for r in rows if r.get("split") == "minival"][-1]["minival/accuracy"]
+        assert load_config(out / f"lr-{lr}" / "config.yaml").optim.lr == float(lr)
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert {r["lr"]: r["minival_accuracy"] for r in sweep["runs"]} == minival
+    assert sweep["chosen_lr"] == max(minival, key=minival.get)
+    assert minival[0.03] != minival[1e-5]  # the two rates do differ, so the choice is a real one
+    assert f"{sweep['chosen_lr']:g} *" in printed
+    chosen_dir = out / f"lr-{sweep['chosen_lr']:g}"
+    assert f"run directory: {chosen_dir}" in printed
+    with pytest.raises(DataError, match="no minival slice to choose the learning rate"):
+        finetune_sweep(run_dir, "digits", [0.01, 0.1], overrides=["data.minival_fraction=0"])
 
 
 def test_finetune_new_head_and_errors(trained, tmp_path, capsys):

@@ -198,6 +198,12 @@ def test_bad_configs_are_one_line_errors(tmp_path, capsys, override, message):
     assert err.count("\n") == 1 and message in err, err
 
 
+def test_exponent_without_a_dot_is_a_number():
+    # YAML 1.1 reads 1e-4 as a string; a float setting takes it as the number it is.
+    assert load_config(None, ["optim.lr=1e-4"]).optim.lr == 1e-4
+    assert load_config(None, ["optim.lr=3E-2"]).optim.lr == 0.03
+
+
 def test_deterministic_switch_is_undone_after_the_run(tmp_path):
     # torch's switch is process-global; a deterministic run must not leave it on for the next.
     assert not torch.are_deterministic_algorithms_enabled()

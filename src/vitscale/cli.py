@@ -217,10 +217,19 @@ def cmd_linear_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from vitscale.eval import finetune
+    from vitscale.eval import finetune, finetune_sweep
 
-    result = finetune(args.checkpoint, args.data, img_size=args.img_size, config=args.config,
-                      overrides=args.overrides, keep_head=args.keep_head, patch=args.patch)
+    kw = dict(img_size=args.img_size, config=args.config, keep_head=args.keep_head,
+              patch=args.patch)
+    lrs = _floats(args.lr, "--lr") if args.lr else []
+    if len(lrs) <= 1:
+        overrides = [*args.overrides, *(f"optim.lr={lr}" for lr in lrs)]
+        return _report_run(finetune(args.checkpoint, args.data, overrides=overrides, **kw))
+    result, rows = finetune_sweep(args.checkpoint, args.data, lrs, overrides=args.overrides, **kw)
+    if result.is_main:
+        _table(["lr", "minival accuracy", "run directory"],
+               [[f"{r['lr']:g}" + (" *" if r["chosen"] else ""), r["minival_accuracy"],
+                 r["run_dir"]] for r in rows])
     return _report_run(result)
 
 
@@ -387,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p, cache=False)
     p.add_argument("--config", help="YAML with fine-tuning settings (applied over the defaults)")
     p.add_argument("--keep-head", action="store_true", help="keep the head (same classes)")
+    p.add_argument("--lr", help="learning rate; comma-separated to run each and keep the one "
+                   "whose last weights score best on minival (the ViT paper: 0.001,0.003,0.01,0.03)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="as for vitscale train")
     p.set_defaults(func=cmd_finetune)
 

@@ -8,6 +8,7 @@ from vitscale.eval.api import (
     fewshot_model,
     finetune,
     finetune_config,
+    finetune_sweep,
     linear_probe_checkpoint,
     load_model,
     rank_checkpoints,
@@ -22,6 +23,7 @@ __all__ = [
     "classification_metrics", "evaluate_checkpoint", "evaluate_model", "expected_calibration_error",
     "extract",
     "fewshot_checkpoint", "fewshot_eval", "fewshot_model", "finetune", "finetune_config",
+    "finetune_sweep",
     "fit_probe", "linear_probe", "linear_probe_checkpoint", "load_model", "rank_checkpoints",
     "reliability_diagram",
 ]

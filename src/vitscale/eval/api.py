@@ -4,6 +4,7 @@ vitscale run directory too) and any `data.source`."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -215,6 +216,44 @@ def finetune(checkpoint: str | Path, source: str, img_size: int | None = None,
     from vitscale.train import run
 
     return run(finetune_config(checkpoint, source, img_size, config, overrides, keep_head, patch))
+
+
+def finetune_sweep(checkpoint: str | Path, source: str, lrs: Sequence[float],
+                   img_size: int | None = None, config: str | Path | None = None,
+                   overrides: Sequence[str] = (), keep_head: bool = False,
+                   patch: int | None = None) -> tuple[Any, list[dict[str, Any]]]:
+    """Fine-tune once per learning rate, each in OUT/lr-<lr>, and keep the run whose last weights
+    score best on `source`'s minival: how the ViT paper picks its fine-tuning learning rate
+    (ties: the first given). Returns that run and one row per rate; OUT/sweep.json records them."""
+    from vitscale.train import run
+    from vitscale.utils.io import atomic_write_text
+
+    if not lrs:
+        raise DataError("--lr: give at least one learning rate")
+    no_minival = DataError(f"data.source={source} leaves no minival slice to choose the learning "
+                           "rate on; set data.minival_fraction > 0 or give one --lr")
+    base = finetune_config(checkpoint, source, img_size, config, overrides, keep_head, patch)
+    if base.data.minival_fraction <= 0:
+        raise no_minival
+    rows, best = [], None
+    for lr in lrs:
+        cfg = finetune_config(checkpoint, source, img_size, config,
+                              [*overrides, f"optim.lr={lr}", f"out_dir={base.out_dir}/lr-{lr:g}"],
+                              keep_head, patch)
+        result = run(cfg)
+        score = result.metrics.get("last/minival/accuracy")  # the run's own minival, last weights
+        if score is None:
+            raise no_minival
+        rows.append({"lr": lr, "minival_accuracy": score, "run_dir": str(result.run_dir),
+                     "test_accuracy": result.metrics.get("test/accuracy")})
+        if best is None or score > best[1]:
+            best = (result, score, lr)
+    for row in rows:
+        row["chosen"] = row["lr"] == best[2]
+    if best[0].is_main:
+        atomic_write_text(Path(base.out_dir) / "sweep.json", json.dumps({"chosen_lr": best[2], "runs": rows},
+                                                         indent=2))
+    return best[0], rows
 
 
 # ---------------------------------------------------------------------------------- select

@@ -317,6 +317,7 @@ class Trainer:
         progress = _Progress(cfg.progress and main, self.total, self.step)
         window_start, window_images, window_correct = time.perf_counter(), 0, 0
         last: dict[str, Any] = {}
+        minival: dict[str, Any] = {}  # the last minival evaluation (of the final weights at the end)
         try:
             batches = self.data.train_batches(start_step=self.step, batch_size=cfg.data.batch_size,
                                               shard=self.world.shard(cfg.data.batch_size))
@@ -353,7 +354,7 @@ class Trainer:
                     window_start, window_images, window_correct = now, 0, 0
                 progress.update(done, last)
                 if done % eval_every == 0 or done == self.total:
-                    record = self._evaluate("minival", done)
+                    record = minival = self._evaluate("minival", done)
                     self._track_best(record)
                     _write(log, record)
                 fewshot_every = cfg.evals.fewshot.every
@@ -362,7 +363,10 @@ class Trainer:
                 if done % ckpt_every == 0 or done == self.total:
                     self._save()
             self._set_tokenizer(max(self.step - 1, 0))  # the last phase's, also after a resume
+            if minival.get("step") != self.step:  # resumed after the last step: nothing ran
+                minival = self._evaluate("minival", self.step)
             final = self._evaluate("test", self.step)
+            final.update({f"last/{k}": v for k, v in minival.items() if k.endswith("/accuracy")})
             final.update({f"best/{k}": v for k, v in self.best.items()})
             final.update(self._flops_record(self.step))
             _write(log, final)

@@ -246,13 +246,13 @@ def finetune_sweep(checkpoint: str | Path, source: str, lrs: Sequence[float],
             raise no_minival
         rows.append({"lr": lr, "minival_accuracy": score, "run_dir": str(result.run_dir),
                      "test_accuracy": result.metrics.get("test/accuracy")})
-        if best is None or score > best[1]:
-            best = (result, score, lr)
-    for row in rows:
-        row["chosen"] = row["lr"] == best[2]
+        if best is None or score > rows[best[1]]["minival_accuracy"]:
+            best = (result, len(rows) - 1)
+    for i, row in enumerate(rows):
+        row["chosen"] = i == best[1]
     if best[0].is_main:
-        atomic_write_text(Path(base.out_dir) / "sweep.json", json.dumps({"chosen_lr": best[2], "runs": rows},
-                                                         indent=2))
+        doc = {"chosen_lr": rows[best[1]]["lr"], "runs": rows}
+        atomic_write_text(Path(base.out_dir) / "sweep.json", json.dumps(doc, indent=2))
     return best[0], rows
 
 

@@ -5,6 +5,7 @@ Every error a user can make in a config is a one-line `ConfigError` naming the k
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import types
@@ -187,10 +188,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
-            try:
+            with contextlib.suppress(ValueError):
                 return float(value)
-            except ValueError:
-                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

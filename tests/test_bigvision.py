@@ -376,3 +376,126 @@ def test_write_errors(tmp_path):
         del sd["head.weight"]
         write_npz(model.cfg, sd, tmp_path / "a.npz")
     assert not (tmp_path / "a.npz").exists()
+
+
+# --------------------------------------------------------------------------- non-square grids
+@pytest.mark.parametrize("layout,size,timm_kw", [
+    ("big_vision", (32, 48), dict(global_pool="map", class_token=False, fc_norm=False)),  # 24 rows
+    ("augreg", (32, 40), {}),  # 4x5 grid + class-token row = 21 rows
+])
+def test_non_square_learned_posemb_loads_at_the_given_img_size(tmp_path, layout, size, timm_kw):
+    """The rows of a learned table do not say its grid's shape: given img_size, the table is read
+    on that grid (as big_vision does, by the shapes alone); without it, a one-line error names
+    the img_size to pass."""
+    from vitscale.models import load
+
+    theirs = randomize(TimmViT(**{**TIMM, "img_size": size}, **timm_kw))
+    path = save(tmp_path / "wide.npz", jax_arrays(theirs.state_dict(), layout))
+    _one_line_error(path, "not a square", f"img_size={size}")
+    with pytest.raises(CheckpointError, match=r"does not fit img_size \(64, 64\).*img_size="):
+        load(path, img_size=64)
+    model = load(path, img_size=size)
+    assert model.cfg.grid_size == (size[0] // 8, size[1] // 8)
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout,size,kw,timm_kw", [
+    ("augreg", (32, 40), dict(pool="token"), {}),
+    ("big_vision", (32, 48), dict(pool="gap", posemb_include_cls=False),
+     dict(global_pool="avg", class_token=False, fc_norm=False)),
+])
+def test_non_square_learned_grid_writes_and_reads_back(tmp_path, layout, size, kw, timm_kw):
+    """write_npz stores a non-square table (big_vision's (1, N, D) holds any grid): it reads back
+    exactly at the img_size it was written at, and timm's own npz loader gives the same logits."""
+    from timm.models.vision_transformer import _load_weights
+
+    model = _ours(img_size=size, **kw)
+    path = write_npz(model.cfg, model.state_dict(), tmp_path / "wide.npz", layout=layout)
+    cfg, sd = read_npz(path, img_size=size)
+    assert {f: getattr(cfg, f) for f in FIELDS} == {f: getattr(model.cfg, f) for f in FIELDS}
+    ref = model.state_dict()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
+    theirs = TimmViT(**{**TIMM, "img_size": size}, **timm_kw).eval()
+    _load_weights(theirs, str(path))
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_write_refuses_a_non_square_grid_that_readers_take_for_a_square(tmp_path):
+    # 4x6 patches + a class-token row = 25 rows: every reader without a size would see 5x5.
+    model = _ours(img_size=(32, 48), pool="token")
+    with pytest.raises(CheckpointError, match="25 rows.*5x5.*layout='big_vision'"):
+        write_npz(model.cfg, model.state_dict(), tmp_path / "a.npz", layout="augreg")
+    path = write_npz(model.cfg, model.state_dict(), tmp_path / "b.npz", layout="big_vision")
+    assert read_npz(path, img_size=(32, 48))[0].grid_size == (4, 6)
+
+
+# --------------------------------------------------------------------------- sin-cos files
+def bv_sincos(h: int, w: int, dim: int) -> np.ndarray:
+    """big_vision's posemb_sincos_2d (MoCo v3): integer (row, col) positions on an h x w grid."""
+    y, x = np.mgrid[:h, :w]
+    omega = 1.0 / 10_000 ** (np.arange(dim // 4) / (dim // 4 - 1))
+    y, x = y.reshape(-1, 1) * omega, x.reshape(-1, 1) * omega
+    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+
+
+GAP = dict(global_pool="avg", class_token=False, fc_norm=False)
+
+
+def big_vision_logits(theirs: TimmViT, x: torch.Tensor) -> torch.Tensor:
+    """What big_vision computes for a sin-cos file: the same weights with the table recomputed
+    on the input's own grid, run by timm."""
+    h, w = x.shape[-2] // 8, x.shape[-1] // 8
+    ref = TimmViT(**{**TIMM, "img_size": tuple(x.shape[-2:])}, **GAP).eval()
+    sd = {**theirs.state_dict(), "pos_embed": torch.from_numpy(bv_sincos(h, w, D)).float()[None]}
+    ref.load_state_dict(sd)
+    with torch.no_grad():
+        return ref(x)
+
+
+def test_sincos_npz_gives_big_vision_outputs_at_any_input_size(tmp_path):
+    """A sin-cos .npz records no size (no trained grid): at every input size, and whatever img_size
+    it is loaded or converted at, the logits are big_vision's (integer positions on the input's
+    grid). Measuring positions on the assumed 224-px grid instead moves them by whole logits."""
+    from safetensors.torch import load_file
+
+    from vitscale.eval.api import load_model
+    from vitscale.models import load
+    from vitscale.models import save as save_ours
+    from vitscale.models.weights import save_timm
+
+    theirs = randomize(TimmViT(**TIMM, **GAP))
+    with torch.no_grad():
+        theirs.patch_embed.proj.weight.mul_(0.2)  # patch tokens about the posemb's size, as trained
+    arrays = jax_arrays(theirs.state_dict(), layout="big_vision")
+    del arrays["pos_embedding"]
+    path = save(tmp_path / "sincos.npz", arrays)
+    x64, x32 = pixels(64), pixels(32)
+    want64, want32 = big_vision_logits(theirs, x64), big_vision_logits(theirs, x32)
+
+    as_read = load(path)  # built at the assumed 224 px
+    assert as_read.cfg.img_size == (224, 224) and as_read.cfg.posemb_input_grid
+    at32 = load(path, img_size=32)
+    save_ours(as_read, tmp_path / "converted")
+    converted = load(tmp_path / "converted")
+    with torch.no_grad():
+        for model in (as_read, at32, converted, load_model(path, img_size=64)):
+            torch.testing.assert_close(model(x64), want64, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(at32(x32), want32, atol=1e-5, rtol=1e-5)
+        # The old reading, positions on the assumed 224-px (28x28) grid's scale, is 0.15 off
+        # (logits up to 1.1), 10^4 times the tolerance above.
+        trained_grid = load(path, img_size=64, posemb_input_grid=False, posemb_ref_grid=(28, 28))
+        assert (trained_grid(x64) - want64).abs().max() > 0.1
+
+    # timm's pos_embed is a table for one grid: the size must be said, not assumed.
+    with pytest.raises(CheckpointError, match="records no image size.*img_size") as info:
+        save_timm(as_read, tmp_path / "t.safetensors")
+    assert "\n" not in str(info.value)
+    save_timm(load(path, img_size=64), tmp_path / "t.safetensors")
+    timm64 = TimmViT(**{**TIMM, "img_size": 64}, **GAP).eval()
+    timm64.load_state_dict(load_file(str(tmp_path / "t.safetensors")))
+    with torch.no_grad():
+        torch.testing.assert_close(timm64(x64), want64, atol=1e-5, rtol=1e-5)

@@ -244,12 +244,13 @@ def test_sincos_model_at_a_new_size_keeps_the_trained_positions(tmp_path):
     torch.testing.assert_close(recomputed.pos_embed_fixed[0], sincos_2d((6, 6), 64))
     with pytest.raises(CheckpointError, match="cannot store sin-cos positions on another grid"):
         write_npz(at48.cfg, at48.state_dict(), tmp_path / "x.npz")
-    # A big_vision file does not record its size (224 px is assumed): the size given on load is
-    # taken as the trained one, so positions are big_vision's integers on that grid.
+    # A big_vision file records no size (224 px is assumed) and no trained grid: it is built at
+    # the size given on load, with big_vision's integer positions there and on any other input.
     npz = write_npz(recomputed.cfg, recomputed.state_dict(), tmp_path / "bv.npz")
     assert load(npz).cfg.img_size == (224, 224) and load(npz).cfg.extra["img_size_assumed"]
     from_npz = load(npz, img_size=48)
     assert from_npz.cfg.posemb_ref_grid is None and "img_size_assumed" not in from_npz.cfg.extra
+    assert from_npz.cfg.posemb_input_grid
     torch.testing.assert_close(from_npz.pos_embed_fixed[0], sincos_2d((6, 6), 64))
     with pytest.raises(ConfigError, match="posemb_ref_grid=.* needs posemb='sincos2d'"):
         ours(posemb="learn", posemb_ref_grid=(2, 2))

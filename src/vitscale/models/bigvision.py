@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from vitscale.errors import CheckpointError, ConfigError
-from vitscale.models.config import IMG_SIZE_ASSUMED, ModelConfig
+from vitscale.models.config import IMG_SIZE_ASSUMED, ModelConfig, pair
 from vitscale.utils.io import atomic_write
 
 LAYOUTS = ("augreg", "big_vision")
@@ -250,12 +250,16 @@ class _Reader:
         self.dense(f"{src}/Dense_1", f"{dst}.fc2")
 
 
-def read_npz(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def read_npz(path: str | Path, img_size: Any = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(config, state dict in vitscale names) of a big_vision / AugReg / original-ViT `.npz`.
 
     Accepts the vit_jax and big_vision layouts, the prefixes in `PREFIXES`, pre-Linen module
     numbers, scan-stacked blocks, bf16 stored as 'V2' and the R+ViT hybrids. The config is read
-    off the array shapes; the image size is the (square) posemb grid times the patch size.
+    off the array shapes. A learned posemb records only its row count: it is read on the patch
+    grid of `img_size` when that grid has as many cells (a class-token row aside), as big_vision's
+    loader, which compares shapes only, takes it; otherwise on the square grid the count makes
+    (the only shape the rows tell). A sin-cos file records no size: it is built at `img_size`, or
+    at an assumed 224 px, and computes its positions on each input's own grid either way.
     """
     path = Path(path)
     arrays = _load_arrays(path)
@@ -277,13 +281,49 @@ def read_npz(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         if key in params:
             posemb = params.pop(key)
             break
-    cfg = _infer_config(params, posemb, layout, path)
+    cfg = _infer_config(params, posemb, layout, path, img_size)
     sd = _to_state_dict(params, posemb, cfg, layout, path)
     return cfg, sd
 
 
+def _square_reading(rows: int, has_cls: bool) -> tuple[int, bool] | None:
+    """(side, class-token row?) of the square grid a table of `rows` rows is read as, if any."""
+    for cls_row in (False, True) if has_cls else (False,):
+        side = math.isqrt(rows - cls_row)
+        if side * side == rows - cls_row:
+            return side, cls_row
+    return None
+
+
+def _posemb_grid(rows: int, has_cls: bool, layout: str, patch: tuple[int, int], img_size: Any,
+                 path: Path) -> tuple[tuple[int, int], bool]:
+    """(patch grid, class-token row?) of a learned table: `img_size`'s grid when its cells fit the
+    rows, else the square grid they make, else a one-line error naming the img_size to pass."""
+    want = None
+    if img_size is not None:
+        img_size = pair(img_size)
+        want = (img_size[0] // patch[0], img_size[1] // patch[1])
+        for cls_row in (False, True) if has_cls else (False,):
+            if want[0] * want[1] == rows - cls_row:
+                return want, cls_row
+    square = _square_reading(rows, has_cls)
+    if square is not None:
+        return (square[0], square[0]), square[1]
+    cells = rows - 1 if has_cls and layout == "augreg" else rows  # vit_jax gives cls a row
+    h = max(d for d in range(1, math.isqrt(cells) + 1) if cells % d == 0)
+    w = cells // h
+    given = (f" and does not fit img_size {img_size} ({want[0]}x{want[1]} patches)"
+             if want else "")
+    raise CheckpointError(
+        f"{path}: pos_embedding has {rows} rows, which is not a square patch grid{given}; pass the "
+        f"img_size it was trained at, e.g. img_size=({h * patch[0]}, {w * patch[1]}) or "
+        f"({w * patch[0]}, {h * patch[1]}) (vitscale convert: --set "
+        f"img_size=[{h * patch[0]},{w * patch[1]}])"
+    )
+
+
 def _infer_config(params: dict[str, torch.Tensor], posemb: torch.Tensor | None, layout: str,
-                  path: Path) -> ModelConfig:
+                  path: Path, img_size: Any = None) -> ModelConfig:
     embed = params["embedding/kernel"]
     if embed.ndim != 4:
         raise CheckpointError(
@@ -366,26 +406,18 @@ def _infer_config(params: dict[str, torch.Tensor], posemb: torch.Tensor | None, 
     cfg["patch"] = patch
 
     if posemb is None:
-        # big_vision's sincos2d posemb is not a parameter and the grid it was trained on is not
-        # stored: assume 224 px, and let load(img_size=N) say the real size (IMG_SIZE_ASSUMED).
-        cfg["posemb"] = "sincos2d"
-        cfg["img_size"] = tuple(max(p, 224 // p * p) for p in patch)
-        cfg["extra"][IMG_SIZE_ASSUMED] = True
-        cfg["posemb_include_cls"] = False
+        # big_vision's sincos2d posemb is not a parameter and computes integer positions on each
+        # input's grid; no trained grid is stored. Build at img_size, else at 224 px (noted).
+        cfg.update(posemb="sincos2d", posemb_input_grid=True, posemb_include_cls=False)
+        if img_size is None:
+            cfg["img_size"] = tuple(max(p, 224 // p * p) for p in patch)
+            cfg["extra"][IMG_SIZE_ASSUMED] = True
+        else:
+            cfg["img_size"] = img_size
     else:
-        rows = posemb.shape[-2]
-        side = math.isqrt(rows)
-        cls_row = False
-        if side * side != rows:
-            side = math.isqrt(rows - 1)
-            if not has_cls or side * side != rows - 1:
-                raise CheckpointError(
-                    f"{path}: pos_embedding has {rows} rows, which is neither a square patch grid "
-                    "nor one plus a class-token row; non-square grids are not supported"
-                )
-            cls_row = True
+        grid, cls_row = _posemb_grid(posemb.shape[-2], has_cls, layout, patch, img_size, path)
         cfg["posemb"] = "learn"
-        cfg["img_size"] = (side * patch[0], side * patch[1])
+        cfg["img_size"] = (grid[0] * patch[0], grid[1] * patch[1])
         # A big_vision file with a class-token row gets it folded into `cls` (see _to_state_dict).
         cfg["posemb_include_cls"] = (cls_row and layout == "augreg") if has_cls else layout == "augreg"
         cfg["extra"]["posemb_cls_row"] = cls_row
@@ -470,8 +502,14 @@ def _check_writable(cfg: ModelConfig, layout: str) -> None:
         problems.append("gap_norm='pooled' (the npz encoder_norm acts on tokens)")
     if cfg.posemb == "none":
         problems.append("posemb='none' (readers take a missing posemb for sincos2d)")
-    if cfg.posemb == "learn" and cfg.grid_size[0] != cfg.grid_size[1]:
-        problems.append(f"a non-square {cfg.grid_size[0]}x{cfg.grid_size[1]} posemb grid")
+    (gh, gw), cls_row = cfg.grid_size, bool(cfg.class_token and layout == "augreg")
+    square = _square_reading(gh * gw + cls_row, bool(cfg.class_token))
+    if cfg.posemb == "learn" and gh != gw and square is not None:
+        # Any (1, N, D) table is storable, read back at its img_size; but not one whose row count
+        # every reader without a size takes for a square grid.
+        fold = "; layout='big_vision' folds the class-token row away" if cls_row else ""
+        problems.append(f"a {gh}x{gw} posemb grid in {gh * gw + cls_row} rows (readers without an "
+                        f"img_size take them for a {square[0]}x{square[0]} grid{fold})")
     if cfg.posemb_ref_grid is not None:
         problems.append("sin-cos positions on another grid's scale (posemb_ref_grid; big_vision "
                         "recomputes them for its own grid)")

@@ -18,8 +18,8 @@ GAP_NORMS = ("tokens", "pooled")
 RESAMPLE_MODES = ("bicubic", "bilinear")
 
 
-# extra[...] of a config whose img_size is a guess (the file does not record it); load() then
-# takes a requested img_size as the size the weights were trained at, not as a resize.
+# extra[...] of a config whose img_size is a guess (a big_vision sin-cos .npz records none): the
+# model is built there, and a timm export, whose pos_embed is a table for one grid, is refused.
 IMG_SIZE_ASSUMED = "img_size_assumed"
 
 
@@ -61,6 +61,9 @@ class ModelConfig:
     # sincos2d: measure positions in this grid's units (set when weights move to another grid,
     # so patches keep the positions they had in training); None: the model's own grid.
     posemb_ref_grid: tuple[int, int] | None = None
+    # sincos2d: integer positions on every input's own grid, whatever img_size the model was built
+    # at (big_vision, whose files record no trained grid); False keeps the built grid's geometry.
+    posemb_input_grid: bool = False
     # Encoder block.
     block: str = "sequential"
     qk_norm: bool = False
@@ -188,6 +191,9 @@ class ModelConfig:
                 self.posemb != "sincos2d" or min(self.posemb_ref_grid) < 1):
             raise ConfigError(f"model.posemb_ref_grid={self.posemb_ref_grid} needs "
                               "posemb='sincos2d' and a positive grid; remove it")
+        if self.posemb_input_grid and (self.posemb != "sincos2d" or self.posemb_ref_grid):
+            raise ConfigError("model.posemb_input_grid=true needs posemb='sincos2d' and no "
+                              "posemb_ref_grid; set posemb_input_grid=false or drop the other")
         if "sincos2d" in (self.posemb, self.posemb_init) and self.width % 4:
             raise ConfigError(f"model.posemb='sincos2d' and model.posemb_init='sincos2d' need a "
                               f"width divisible by 4, got {self.width}")

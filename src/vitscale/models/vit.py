@@ -141,8 +141,10 @@ class VisionTransformer(nn.Module):
         cfg = self.cfg
         if cfg.posemb == "sincos2d":
             pe = self.pos_embed_fixed
-            if tuple(grid) != cfg.grid_size:  # keep the trained geometry, as a resampled table
-                ref = cfg.posemb_ref_grid or cfg.grid_size
+            if tuple(grid) != cfg.grid_size:
+                # Keep the built grid's geometry, as a resampled table does; big_vision's integer
+                # positions on the input's own grid with posemb_input_grid.
+                ref = None if cfg.posemb_input_grid else cfg.posemb_ref_grid or cfg.grid_size
                 pe = sincos_2d(grid, cfg.width, ref_grid=ref).unsqueeze(0).to(x.device)
             x = x + pe.to(x.dtype)
         elif cfg.posemb == "learn":

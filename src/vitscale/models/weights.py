@@ -265,7 +265,10 @@ def read_checkpoint(path: str | Path, **known: Any) -> tuple[ModelConfig, dict[s
     `path`: a vitscale folder or `.safetensors`; a timm state dict (`.safetensors`, `.pth`,
     `.bin`) or a timm hub folder; a big_vision / AugReg `.npz`; a Hugging Face transformers ViT
     folder; or `hf-hub:ORG/NAME[@REVISION]` (downloads, needs a network and huggingface_hub).
-    `known`: config fields the file cannot tell (e.g. heads=, img_size= of a bare timm file).
+    `known`: config fields the file cannot tell (e.g. heads=, img_size= of a bare timm file). For
+    a `.npz`, img_size= is the size to read it at: a learned table is read on its grid when the
+    rows fit it (the only way to read a non-square one), else on the square grid its rows make;
+    a sin-cos file is built at it.
     """
     text = str(path)
     if text.startswith("hf-hub:"):
@@ -282,7 +285,7 @@ def read_checkpoint(path: str | Path, **known: Any) -> tuple[ModelConfig, dict[s
     if suffix == ".npz":
         from vitscale.models import bigvision
 
-        cfg, sd = bigvision.read_npz(path)
+        cfg, sd = bigvision.read_npz(path, img_size=known.pop("img_size", None))
         # big_vision resamples with scipy zoom(order=1): bilinear, corner-aligned, no antialias.
         cfg = cfg.replace(resample_mode="bilinear", resample_antialias=False,
                           resample_align_corners=True)
@@ -416,22 +419,26 @@ def load(path: str | Path, reset_head: bool | None = None, **overrides: Any) -> 
     `img_size=384` resamples the position embeddings to the new grid (sin-cos ones keep the
     positions of the trained grid, `posemb_ref_grid`); a different `num_classes` puts a new
     zero-initialised head on top (fine-tuning). Fields that the file cannot tell (heads of a bare
-    timm state dict, the img_size of a big_vision sin-cos .npz) are passed the same way.
+    timm state dict) are passed the same way. A big_vision `.npz` is read at the img_size given
+    when its learned table has that grid's row count (as big_vision does; needed for a non-square
+    one); a sin-cos `.npz` records no size and gives big_vision's integer positions on every
+    input's grid (`posemb_input_grid`), at whatever img_size it is built.
     """
     shape_free = {k: overrides.pop(k) for k in ("heads", "name") if k in overrides}
+    if "img_size" in overrides and str(path).lower().endswith(".npz"):
+        shape_free["img_size"] = overrides["img_size"]
     src, sd = read_checkpoint(path, **shape_free)
-    extra = getattr(src, "extra", None) or {}
-    if extra.get(IMG_SIZE_ASSUMED) and "img_size" in overrides:  # the file cannot tell its size
-        src = src.replace(img_size=overrides["img_size"],
-                          extra={k: v for k, v in extra.items() if k != IMG_SIZE_ASSUMED})
     fields = [f.name for f in dataclasses.fields(src)]
     unknown = [k for k in overrides if k not in fields]
     if unknown:
         raise ConfigError(f"{', '.join(unknown)}: not a setting of {path}'s {type(src).__name__}; "
                           f"its settings are {', '.join(fields)}")
     dst = src.replace(**overrides) if overrides else src
+    extra = getattr(dst, "extra", None) or {}
+    if extra.get(IMG_SIZE_ASSUMED) and "img_size" in overrides:  # no longer a guess
+        dst = dst.replace(extra={k: v for k, v in extra.items() if k != IMG_SIZE_ASSUMED})
     if (getattr(dst, "posemb", None) == "sincos2d" and dst.grid_size != src.grid_size
-            and "posemb_ref_grid" not in overrides):
+            and not dst.posemb_input_grid and "posemb_ref_grid" not in overrides):
         # Sin-cos positions stay where training put them on the image (as resampling a learned
         # table does); big_vision's integer positions on the new grid: posemb_ref_grid=new grid.
         dst = dst.replace(posemb_ref_grid=src.posemb_ref_grid or src.grid_size)
@@ -452,8 +459,16 @@ def to_timm_state_dict(model: VisionTransformer) -> dict[str, torch.Tensor]:
 
     timm has no fixed sin-cos embedding, so a sin-cos model's table (its trained-grid positions
     included) is written as `pos_embed`, patch rows only: timm's VisionTransformer with
-    `no_embed_class=True` (or no class token) then gives the same outputs."""
+    `no_embed_class=True` (or no class token) then gives the same outputs at the model's img_size,
+    which must therefore be known (not assumed, as for a sin-cos .npz loaded without one)."""
     sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if (getattr(model.cfg, "extra", None) or {}).get(IMG_SIZE_ASSUMED):
+        raise CheckpointError(
+            f"{model.cfg.name} records no image size (a big_vision sin-cos .npz; "
+            f"{model.cfg.img_size[0]} px was assumed) and timm's pos_embed is a table for one "
+            "grid; load it with img_size=N, the size the timm model will run at (vitscale "
+            "convert: --img-size N)"
+        )
     if model.cfg.posemb == "sincos2d":
         sd["pos_embed"] = model.pos_embed_fixed.detach().cpu().clone()
     return vitscale_parallel_to_timm(sd) if model.cfg.block == "parallel" else sd

@@ -15,7 +15,6 @@ from vitscale.data.sources import (
     Source,
     UnreadableImage,
     WebDatasetIndex,
-    WebDatasetStream,
     decode_image,
     expand_braces,
     load_source,
@@ -33,7 +32,7 @@ from vitscale.data.transforms import (
 
 __all__ = [
     "AUGREG_PRESETS", "AugmentSettings", "Data", "RandAugment", "Source", "UnreadableImage",
-    "WebDatasetIndex", "WebDatasetStream", "build_data", "cutmix", "decode_image", "derive_seed",
+    "WebDatasetIndex", "build_data", "cutmix", "decode_image", "derive_seed",
     "epoch_permutation", "eval_transform", "expand_braces", "load_source", "mix_batch", "mixup",
     "resolve_augment", "split_minival", "to_rgb", "train_transform",
 ]

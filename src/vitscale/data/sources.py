@@ -18,9 +18,8 @@
                               (shard-{000..009}.tar, {a,b}) and glob characters expand to shards.
                               Training reads uncompressed shards by random access through an index
                               of member offsets (`WebDatasetIndex`), which is what makes the batch
-                              stream addressable by step; `WebDatasetStream` is the IterableDataset
-                              that streams shards (compressed ones too) split across DataLoader
-                              workers. Class names are "0".."K-1" with K = largest label + 1.
+                              stream addressable by step. Class names are "0".."K-1" with K =
+                              largest label + 1.
     hf:NAME_OR_PATH[?OPTS]    a Hugging Face `datasets` dataset (optional dependency): a folder
                               written by save_to_disk is read with load_from_disk, anything else goes
                               to load_dataset. OPTS (URL query style, all optional): image=COLUMN,
@@ -53,14 +52,14 @@ import os
 import re
 import tarfile
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset
 
 from vitscale.errors import DataError
 
@@ -413,58 +412,6 @@ class WebDatasetIndex(Source):
         return f"{self.shards[e.shard]}:{e.key}"
 
 
-def iter_tar_samples(shard: str) -> Iterator[tuple[str, bytes | None, int | None]]:
-    """(key, image bytes, label) for each sample of a (possibly compressed) shard, read in order."""
-    current: str | None = None
-    image: bytes | None = None
-    label: int | None = None
-    with tarfile.open(shard, "r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, ext = split_key(member.name)
-            if key != current:
-                if current is not None:
-                    yield current, image, label
-                current, image, label = key, None, None
-            fh = tar.extractfile(member)
-            if ext == "cls":
-                label = _parse_cls(fh.read() if fh else b"")
-            elif ext in WDS_IMAGE_EXTENSIONS and image is None:
-                image = fh.read() if fh else None
-    if current is not None:
-        yield current, image, label
-
-
-class WebDatasetStream(IterableDataset):
-    """Streams (PIL RGB image, label) from WebDataset shards in order.
-
-    With DataLoader workers, worker w of W reads shards w, w+W, w+2W, ...: every sample comes out
-    exactly once (a worker without a shard yields nothing). Samples that cannot be decoded, or lack
-    an image or a label, are skipped and counted in `skipped` (per process: with workers each keeps
-    its own count). Training with `build_data` uses `WebDatasetIndex` instead, for random access.
-    """
-
-    def __init__(self, shards: str | list[str]):
-        self.shards = resolve_shards(shards) if isinstance(shards, str) else list(shards)
-        self.skipped = 0
-
-    def __iter__(self) -> Iterator[tuple[Image.Image, int]]:
-        info = get_worker_info()
-        mine = self.shards[info.id::info.num_workers] if info is not None else self.shards
-        for shard in mine:
-            for _key, data, label in iter_tar_samples(shard):
-                if data is None or label is None:
-                    self.skipped += 1
-                    continue
-                try:
-                    image = decode_image(data)
-                except UnreadableImage:
-                    self.skipped += 1
-                    continue
-                yield image, label
-
-
 def webdataset_source(arg: str) -> Splits:
     train_pattern, _, test_pattern = arg.partition(";")
     train = WebDatasetIndex(resolve_shards(train_pattern))
@@ -698,7 +645,7 @@ def split_minival(n: int, fraction: float, labels: list[int] | None) -> tuple[li
 
 __all__ = [
     "IMAGE_EXTENSIONS", "ArraySource", "FileSource", "HFSource", "Source", "Splits", "TorchvisionSource",
-    "UnreadableImage", "View", "WebDatasetIndex", "WebDatasetStream", "decode_image", "digits_source",
-    "expand_braces", "hf_source", "imagefolder_source", "iter_tar_samples", "load_source",
+    "UnreadableImage", "View", "WebDatasetIndex", "decode_image", "digits_source",
+    "expand_braces", "hf_source", "imagefolder_source", "load_source",
     "resolve_shards", "split_minival", "split_key", "to_rgb", "torchvision_source", "webdataset_source",
 ]

@@ -6,6 +6,7 @@ Everything runs on scikit-learn's bundled digits or on files the tests write; no
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 import urllib.error
 from collections import Counter
@@ -74,21 +75,48 @@ def test_digits_value_range(digits):
 
 
 # ---------------------------------------------------------------------------------- presets
-EXPECTED = {"none": (0, 0, 0.0), "light1": (2, 0, 0.0), "light2": (2, 10, 0.2),
-            "medium1": (2, 15, 0.2), "medium2": (2, 15, 0.5), "strong1": (2, 20, 0.5),
-            "strong2": (2, 20, 0.8)}
+# The AugReg settings (Steiner et al. 2021, arXiv:2106.10270, whose Fig. 4 the configs point to) as
+# big_vision's configs/vit_i21k.py and vit_i1k.py define them (the same in both): RANDAUG_DEF
+# gives the pp op, MIXUP_DEF the mixup p (the Beta concentration: vitscale's mixup_alpha).
+BIG_VISION_RANDAUG_DEF = {"none": "", "light1": "randaug(2,0)", "light2": "randaug(2,10)",
+                          "medium1": "randaug(2,15)", "medium2": "randaug(2,15)",
+                          "strong1": "randaug(2,20)", "strong2": "randaug(2,20)"}
+BIG_VISION_MIXUP_P = {"none": 0.0, "light1": 0.0, "light2": 0.2, "medium1": 0.2, "medium2": 0.5,
+                      "strong1": 0.5, "strong2": 0.8}
+# The project's research notes, beside the repository in the workspace; a clone alone lacks them.
+RESEARCH_NOTES = Path(__file__).resolve().parents[1].parent / "shared" / "research" / "big_vision.md"
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+def _big_vision_preset(name: str) -> tuple[int, int, float]:
+    randaug = re.fullmatch(r"randaug\((\d+),(\d+)\)", BIG_VISION_RANDAUG_DEF[name])
+    layers, magnitude = (int(randaug[1]), int(randaug[2])) if randaug else (0, 0)
+    return layers, magnitude, BIG_VISION_MIXUP_P[name]
+
+
+@pytest.mark.parametrize("name", sorted(BIG_VISION_RANDAUG_DEF))
 def test_augreg_presets(name):
-    assert AUGREG_PRESETS[name] == EXPECTED[name]
+    assert AUGREG_PRESETS[name] == _big_vision_preset(name)
     aug = resolve_augment(DataConfig(augment=name))
-    assert (aug.randaug_layers, aug.randaug_magnitude, aug.mixup_alpha) == EXPECTED[name]
+    assert (aug.randaug_layers, aug.randaug_magnitude, aug.mixup_alpha) == _big_vision_preset(name)
     ops = train_transform(16, randaug_layers=aug.randaug_layers,
                           randaug_magnitude=aug.randaug_magnitude).transforms
     randaug = [op for op in ops if isinstance(op, RandAugment)]
     # light1 keeps RandAugment at magnitude 0; only "none" has none
     assert len(randaug) == (0 if name == "none" else 1)
+
+
+def test_augreg_presets_match_research_notes():
+    if not RESEARCH_NOTES.is_file():
+        pytest.skip(f"no research notes at {RESEARCH_NOTES} (only the workspace has ../shared)")
+    row = next(line for line in RESEARCH_NOTES.read_text().splitlines()
+               if line.startswith("| AugReg presets |"))
+    notes = {}  # e.g. "none: no aug · light1: RA(2,0) · light2: RA(2,10)+mixup .2 · medium1: RA(2,15)+.2"
+    for part in row.split("|")[3].split(" · "):
+        name, spec = re.match(r"\s*(\w+): (.*)", part).groups()
+        randaug = re.match(r"RA\((\d+),\s*(\d+)\)(?:\+(?:mixup )?(\d*\.\d+))?", spec)
+        assert randaug or spec == "no aug", part
+        notes[name] = (int(randaug[1]), int(randaug[2]), float(randaug[3] or 0)) if randaug else (0, 0, 0.0)
+    assert notes == AUGREG_PRESETS
 
 
 def test_flip_default_follows_the_source(tmp_path: Path):
@@ -108,7 +136,7 @@ def test_flip_default_follows_the_source(tmp_path: Path):
 
 
 def test_preset_overrides_and_unknown():
-    assert set(AUGREG_PRESETS) == set(EXPECTED)
+    assert set(AUGREG_PRESETS) == set(BIG_VISION_RANDAUG_DEF)
     aug = resolve_augment(DataConfig(augment="strong2", randaug_layers=1, randaug_magnitude=7,
                                      mixup_alpha=0.0, cutmix_alpha=1.0))
     assert (aug.randaug_layers, aug.randaug_magnitude, aug.mixup_alpha, aug.cutmix_alpha) == (1, 7, 0.0, 1.0)

@@ -20,10 +20,12 @@ whose op set and magnitude scale differ: each of N layers applies one op drawn u
 (AutoContrast Equalize Invert Rotate Posterize Solarize Color Contrast Brightness Sharpness ShearX
 ShearY TranslateX TranslateY Cutout SolarizeAdd), always; magnitude M is a level on a 0..10 scale
 (values above 10, as in strong1/2's M=20, extrapolate linearly exactly as big_vision does): rotate
-3M degrees, shear 0.03M, translate M/10 * 100/224 of the side, cutout half-size M/10 * 40/224 of the
-side (big_vision's 100 and 40 pixels at 224 px, made relative so small images work), enhance factor
-0.18M + 0.1, posterize int(0.4M) bits, solarize threshold int(25.6M), solarize-add int(11M); signed
-ops get a random sign; fill grey 128. Built from torchvision.transforms.v2.functional ops.
+3M degrees, shear 0.03M, translate M/10 * 100/224 of the side (to the nearest whole pixel), cutout
+half-size M/10 * 40/224 of the side (big_vision's 100 and 40 pixels at 224 px, made relative so
+small images work), enhance factor 0.18M + 0.1, posterize int(0.4M) bits, solarize threshold
+int(25.6M), solarize-add int(11M); signed ops get a random sign; fill grey 128. Built from
+torchvision.transforms.v2.functional ops, except AutoContrast (exact integer arithmetic).
+tests/test_data.py compares every op at M = 5..10 with PIL's (the ops TF's port imitates).
 
 MAGNITUDE 0 (AugReg "light1" = RandAugment(2, 0)) is NOT "off": as in big_vision, each op runs at
 level 0. The geometric ops, Cutout and SolarizeAdd become the identity, but AutoContrast, Equalize
@@ -101,12 +103,21 @@ def _signed(value: float) -> float:
     return -value if float(torch.rand(())) < 0.5 else value
 
 
+def _autocontrast(img: torch.Tensor) -> torch.Tensor:
+    """Each channel's min -> 0 and max -> 255 linearly, truncated (PIL's and TF's AutoContrast), in
+    exact integer arithmetic; torchvision's float32 version can map a channel's max to 254."""
+    x = img.to(torch.int32)
+    low = x.amin(dim=(-2, -1), keepdim=True)
+    span = x.amax(dim=(-2, -1), keepdim=True) - low
+    return torch.where(span > 0, (x - low) * 255 // span.clamp(min=1), x).to(torch.uint8)
+
+
 def apply_op(img: torch.Tensor, op: str, level: float) -> torch.Tensor:
     """One big_vision RandAugment op at `level` (0..10 scale) on a uint8 (3, H, W) tensor."""
     h, w = img.shape[-2:]
     frac = level / 10.0
     if op == "AutoContrast":
-        return F.autocontrast(img)
+        return _autocontrast(img)
     if op == "Equalize":
         return F.equalize(img)
     if op == "Invert":
@@ -130,8 +141,12 @@ def apply_op(img: torch.Tensor, op: str, level: float) -> torch.Tensor:
                         interpolation=_NEAREST, fill=_FILL, center=[0, 0])
     if op in ("TranslateX", "TranslateY"):
         side = w if op == "TranslateX" else h
-        pixels = _signed(frac * 100.0 / 224.0 * side)
-        shift = [pixels, 0.0] if op == "TranslateX" else [0.0, pixels]
+        # As TF's translate (and PIL's affine with offset `pixels`), pixel x reads x + pixels: the
+        # content moves by -pixels. Reads are nearest-neighbour, so a whole-pixel shift (halves
+        # rounded up, as PIL does) gives the same image, where torchvision's half-to-even grid
+        # rounding would repeat every other row or column at a half-pixel shift.
+        pixels = -math.floor(_signed(frac * 100.0 / 224.0 * side) + 0.5)
+        shift = [pixels, 0] if op == "TranslateX" else [0, pixels]
         return F.affine(img, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0],
                         interpolation=_NEAREST, fill=_FILL)
     if op == "Cutout":

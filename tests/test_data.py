@@ -28,6 +28,7 @@ from vitscale.data import (
     decode_image,
     expand_braces,
     mix_batch,
+    mixing,
     mixup,
     resolve_augment,
     train_transform,
@@ -306,6 +307,44 @@ def test_cutmix_lambda_is_the_kept_area():
     torch.testing.assert_close(targets.sum(1), torch.ones(4))
     again = cutmix(x, y, 4, 1.0, torch.Generator().manual_seed(3))
     assert torch.equal(again[0], mixed) and again[2] == lam
+
+
+class _Fixed:
+    """A distribution whose sample is always `value` (torchvision's CutMix draws lam from one)."""
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def sample(self, shape=()):
+        return torch.tensor([self.value])
+
+
+def test_cutmix_matches_torchvision(monkeypatch):
+    from torchvision.transforms.v2 import CutMix
+
+    height, width, classes = 10, 14, 5  # H != W tells torchvision's two centre draws apart
+    x = torch.rand(4, 3, height, width)
+    y = torch.tensor([4, 0, 3, 3])
+    # cuts int(side * sqrt(1 - lam)) of 13x9 .. 1x1 px, odd ones too; lam 0.99 gives an empty box
+    lams = (0.03, 0.2, 0.37, 0.5, 0.81, 0.99)
+    centres = [(0, 0), (0, 13), (9, 0), (9, 13), (4, 6), (5, 7), (1, 12), (8, 2)]  # corners clip
+    for lam, (cy, cx) in itertools.product(lams, centres):
+        # vitscale: lam from _beta, the centre from the generator (row, then column)
+        monkeypatch.setattr(mixing, "_beta", lambda alpha, gen, lam=lam: lam)
+        gen = torch.Generator()
+        monkeypatch.setattr(torch, "randint", lambda high, size, generator=None, cy=cy, cx=cx:
+                            torch.tensor(cy if high == height else cx))
+        mixed, targets, kept = cutmix(x, y, classes, 1.0, gen)
+        # torchvision: lam from its Beta distribution, the centre from torch.randint (x, then y)
+        transform = CutMix(alpha=1.0, num_classes=classes)
+        transform._dist = _Fixed(lam)
+        monkeypatch.setattr(torch, "randint", lambda high, size, cy=cy, cx=cx:
+                            torch.tensor([cy if high == height else cx]))
+        tv_mixed, tv_targets = transform(x, y)
+        monkeypatch.undo()
+        assert torch.equal(mixed, tv_mixed) and torch.equal(targets, tv_targets), (lam, cy, cx)
+        assert kept == pytest.approx(targets[0, 4].item())  # lam is the kept area
+        assert torch.equal(mixed, x) == (lam == 0.99)  # a box was pasted, but for the empty one
 
 
 def test_mix_batch_reproducible_and_plain():

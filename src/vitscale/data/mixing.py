@@ -8,8 +8,10 @@ Label smoothing is not applied here; the loss does it.
 - Mixup (big_vision utils.get_mixup): lam ~ Beta(alpha, alpha), lam <- max(lam, 1 - lam) so each
   example stays the dominant one; x = lam x + (1 - lam) roll(x); t = lam y + (1 - lam) roll(y).
 - CutMix (Yun et al. 2019): lam ~ Beta(alpha, alpha); a box of side sqrt(1 - lam) times the image
-  side, centred uniformly at random and clipped to the image, is pasted from roll(x); lam is then
-  corrected to the exact kept area, 1 - box area / image area, and t = lam y + (1 - lam) roll(y).
+  side (rounded down to even, as the authors' code, timm and torchvision), centred uniformly at
+  random and clipped to the image, is pasted from roll(x); lam is then corrected to the exact kept
+  area, 1 - box area / image area, and t = lam y + (1 - lam) roll(y). Given the same lam and centre,
+  the result equals torchvision.transforms.v2.CutMix's exactly (tests/test_data.py).
 - mix_batch: with both alphas > 0, one of the two per batch, CutMix with probability 0.5 (timm's
   switch_prob); with one alpha > 0, that one; with none, one-hot targets and the images unchanged.
 
@@ -45,13 +47,17 @@ def mixup(images: torch.Tensor, labels: torch.Tensor, num_classes: int, alpha: f
 
 
 def cutmix_box(height: int, width: int, lam: float, gen: torch.Generator) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1) of a box covering about 1 - lam of the image, centred uniformly at random."""
+    """(y0, y1, x0, x1) of a box covering about 1 - lam of the image, centred uniformly at random.
+
+    The CutMix authors' rand_bbox, as timm's and torchvision's: half-sides int(side * sqrt(1 - lam))
+    // 2 on either side of the centre pixel (so an even side before clipping), clipped to the image.
+    """
     cut = math.sqrt(1.0 - lam)
-    cut_h, cut_w = int(height * cut), int(width * cut)
+    half_h, half_w = int(height * cut) // 2, int(width * cut) // 2
     cy = int(torch.randint(height, (), generator=gen))
     cx = int(torch.randint(width, (), generator=gen))
-    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h - cut_h // 2, height)
-    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w - cut_w // 2, width)
+    y0, y1 = max(cy - half_h, 0), min(cy + half_h, height)
+    x0, x1 = max(cx - half_w, 0), min(cx + half_w, width)
     return y0, y1, x0, x1
 
 

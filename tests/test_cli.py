@@ -61,3 +61,21 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path):
 def test_bad_override_syntax(capsys):
     assert main(["convert", "a", "b", "--set", "heads"]) == 2
     assert "write KEY=VALUE" in capsys.readouterr().err
+
+
+def test_convert_set_values_are_typed_and_bad_ones_are_one_line(tmp_path, capsys):
+    theirs = TimmViT(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=4, num_classes=3)
+    torch.save(theirs.state_dict(), tmp_path / "timm.pth")
+    # YAML reads 1e-5 as a string: it must reach the model as a float, not crash it later.
+    assert main(["convert", str(tmp_path / "timm.pth"), str(tmp_path / "ours"),
+                 "--set", "heads=4", "norm_eps=1e-5"]) == 0
+    assert load(tmp_path / "ours").cfg.norm_eps == 1e-5
+    capsys.readouterr()
+    for setting, message in (("x=[1", "--set x: not a setting of a model"),
+                             ("heads=[1", "--set heads: expected an integer, got '[1'"),
+                             ("norm_eps=small", "--set norm_eps: expected a number")):
+        assert main(["convert", str(tmp_path / "timm.pth"), str(tmp_path / "bad"),
+                     "--set", setting]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "bad").exists()

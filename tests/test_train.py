@@ -137,13 +137,36 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
-def test_non_finite_loss_skip_mode(tmp_path, monkeypatch):
+def test_non_finite_loss_skip_mode(tmp_path, monkeypatch, capsys):
     _nan_on_call(monkeypatch, bad_call=3)
-    result = run(tiny(tmp_path, "steps=8", "on_nonfinite=skip"))
+    # One skip in 8 steps is within max_skipped_fraction=0.2 (1 <= 1.6).
+    result = run(tiny(tmp_path, "steps=8", "on_nonfinite=skip", "max_skipped_fraction=0.2"))
     assert result.step == 8
     assert [r for r in records(tmp_path) if "loss" in r][-1]["skipped_steps"] == 1
     weights = _final_weights(tmp_path)
     assert all(torch.isfinite(v).all() for v in weights.values())
+    assert "skipped 1 of 8 steps (non-finite loss or gradient)" in capsys.readouterr().out
+
+
+def test_too_many_skipped_steps_stop_the_run(tmp_path, monkeypatch, capsys):
+    import vitscale.train.loop as loop
+
+    real = loop.loss_fn
+    calls = {"n": 0}
+
+    def mostly_nan(*args, **kwargs):  # every training step from the 3rd on is non-finite
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 3 and loss.requires_grad else loss
+
+    monkeypatch.setattr(loop, "loss_fn", mostly_nan)
+    # The default max_skipped_fraction=0.1 of 12 steps allows 1 skip: the 2nd (step 3) stops it.
+    code = main(["train", *TINY, f"out_dir={tmp_path}", "steps=12", "on_nonfinite=skip"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "2 of the first 4 steps had a non-finite loss or gradient" in err
+    assert "max_skipped_fraction=0.1 of 12 steps" in err
+    assert not (tmp_path / "model").exists()  # no model whose test loss is NaN
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
@@ -159,13 +182,53 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
         torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4, msg=name)
 
 
+def test_unreadable_latest_checkpoint_resumes_from_the_one_before_exactly(tmp_path, capsys):
+    args = ["steps=20", "ckpt_every=5", "keep_checkpoints=4", "model.overrides.drop_path=0.1"]
+    run(tiny(tmp_path, *args))
+    reference = _final_weights(tmp_path)
+    root = tmp_path / "checkpoints"
+    bad = root / "step-000000020" / "model.safetensors"
+    bad.write_bytes(bad.read_bytes()[:1000])  # torn by a full disk, say
+    assert main(["train", *TINY, *args, f"out_dir={tmp_path}"]) == 0
+    err = capsys.readouterr().err
+    warning = [line for line in err.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "step-000000020" in warning[0] and "model.safetensors" in warning[0]
+    assert "resuming from step-000000015" in warning[0]
+    assert (root / "unreadable-step-000000020" / "model.safetensors").stat().st_size == 1000
+    ours = _final_weights(tmp_path)  # steps 15..20 redone: the same weights, bit for bit
+    assert all(torch.equal(ours[k], reference[k]) for k in reference)
+
+
 def test_sigmoid_loss_bf16_and_adafactor_run(tmp_path):
     result = run(tiny(tmp_path, "steps=6", "loss=sigmoid", "precision=bf16",
                       "optim.name=adafactor_bv", "schedule.decay=rsqrt",
                       "schedule.cooldown_steps=2", "model.overrides.pool=map",
                       "model.overrides.head_bias_init=-2.0"))
-    assert 0.0 <= result.metrics["test/accuracy"] <= 1.0
     assert all(torch.isfinite(v).all() for v in _final_weights(tmp_path).values())
+    # The loop's numbers, recomputed from the saved weights: accuracy on test and the run's own
+    # loss (sigmoid: summed over classes, no smoothing) on minival, not softmax cross-entropy.
+    from vitscale.data import build_data
+    from vitscale.models import load
+
+    cfg = load_config(tmp_path / "config.yaml")
+    model, data = load(tmp_path / "model").eval(), build_data(cfg.data, cfg.seed)
+
+    def logits_of(split):
+        xs, ys = zip(*data.eval_loader(split))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(torch.cat(xs)).float(), torch.cat(ys)
+
+    logits, labels = logits_of("test")
+    assert result.metrics["test/accuracy"] == pytest.approx(
+        (logits.argmax(-1) == labels).double().mean().item())
+    logits, labels = logits_of("minival")
+    onehot = torch.nn.functional.one_hot(labels, 10).float()
+    sigmoid = torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, onehot, reduction="none").sum(-1).mean().item()
+    softmax = torch.nn.functional.cross_entropy(logits, labels).item()
+    minival = [r for r in records(tmp_path) if r.get("split") == "minival"][-1]
+    assert minival["minival/loss"] == pytest.approx(sigmoid, rel=1e-5)
+    assert abs(sigmoid - softmax) > 0.1  # the two losses are told apart here
 
 
 def test_loss_fn_against_closed_forms():
@@ -184,18 +247,53 @@ def test_loss_fn_against_closed_forms():
 
 @pytest.mark.parametrize("override, message", [
     ("optim.lrr=0.1", "unknown config key 'optim.lrr'"),
-    ("optim.lr=-1", "optim.lr=-1.0 must be positive"),
+    ("optim.lr=-1", "optim.lr=-1.0 must be > 0"),
     ("optim.lr=fast", "optim.lr: expected a number"),
     ("data.img_size=30", "data.img_size=30"),
     ("data.batch_size=30", "data.batch_size=30 must be divisible by accum_steps=4"),
-    ("optim.name=lamb", "optim.name='lamb' is not an optimizer"),
+    ("optim.name=lamb", "optim.name='lamb' is not valid; choose one of adamw, adam_bf16"),
+    ("schedule.decay=exp", "schedule.decay='exp' is not valid; choose one of cosine"),
+    ("data.augment=heavy", "data.augment='heavy' is not valid; choose one of none, light1"),
+    ("log_every=0", "log_every=0 must be >= 1"),
+    ("steps=-5", "steps=-5 must be >= 1"),
+    ("data.num_workers=-1", "data.num_workers=-1 must be >= 0"),
+    ("eval_every=0", "eval_every=0 must be >= 1"),
+    ("ckpt_every=0", "ckpt_every=0 must be >= 1"),
+    ("keep_checkpoints=0", "keep_checkpoints=0 must be >= 1"),
+    ("accum_steps=0", "accum_steps=0 must be >= 1"),
+    ("data.eval_batch_size=0", "data.eval_batch_size=0 must be >= 1"),
+    ("data.minival_fraction=1.5", "data.minival_fraction=1.5 must be in [0, 1)"),
+    ("data.max_skip_fraction=2", "data.max_skip_fraction=2.0 must be in [0, 1]"),
+    ("data.crop_scale_min=0", "data.crop_scale_min=0.0 must be in (0, 1]"),
+    ("schedule.warmup_fraction=1.2", "schedule.warmup_fraction=1.2 must be in [0, 1]"),
+    ("optim.betas=[0.9,1.0]", "optim.betas=(0.9, 1.0) must be in [0, 1)"),
+    ("optim.lr_mults={head: -2}", "optim.lr_mults={'head': -2.0} must be >= 0"),
+    ("max_skipped_fraction=-0.1", "max_skipped_fraction=-0.1 must be in [0, 1]"),
+    ("evals.fewshot.shots=[0,5]", "evals.fewshot.shots=[0, 5] must be >= 1"),
+    ("model.overrides.norm_eps=tiny", "model.overrides.norm_eps: expected a number, got 'tiny'"),
+    ("model.overrides.heads=[1", "model.overrides.heads: expected an integer, got '[1'"),
+    ("model.overrides.layers=2", "model.overrides.layers: not a setting of 'Ti/4'"),
 ])
 def test_bad_configs_are_one_line_errors(tmp_path, capsys, override, message):
-    extra = ["accum_steps=4"] if "accum" in message else []
-    code = main(["train", *TINY, f"out_dir={tmp_path}", *extra, override])
+    extra = ["accum_steps=4"] if "accum_steps=4" in message else []
+    code = main(["train", *TINY, f"out_dir={tmp_path / 'run'}", *extra, override])
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_model_overrides_are_typed_at_config_time():
+    # YAML 1.1 reads 1e-5 as a string; it reaches the model as the float it is.
+    cfg = load_config(None, [*TINY, "model.overrides.norm_eps=1e-5"])
+    assert cfg.model.overrides["norm_eps"] == 1e-5
+    model = cfg.model.build_config(10, 16)
+    assert model.norm_eps == 1e-5
+    asvit = load_config(None, ["model.name=asvit-seed", "data.img_size=32",
+                               "model.overrides.depths=[1,2,1,1]"])
+    assert asvit.model.overrides["depths"] == (1, 2, 1, 1)
+    with pytest.raises(ConfigError, match="model.overrides.pool: not a setting of 'asvit-seed'"):
+        load_config(None, ["model.name=asvit-seed", "model.overrides.pool=gap"])
 
 
 def test_exponent_without_a_dot_is_a_number():

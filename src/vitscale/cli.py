@@ -9,20 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from vitscale.errors import ConfigError, UserError
-
-
-def parse_assignments(items: list[str] | None) -> dict[str, Any]:
-    """['heads=6', 'pool=gap'] -> {'heads': 6, 'pool': 'gap'} (values parsed as YAML scalars)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"bad override {item!r}; write KEY=VALUE, e.g. pool=gap")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
 
 
 # ---------------------------------------------------------------------------------- models
@@ -85,9 +72,10 @@ def _guess_format(dst: str) -> str:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from vitscale.config import parse_model_settings
     from vitscale.models import weights
 
-    overrides = parse_assignments(args.set)
+    overrides = parse_model_settings(args.set)
     if args.model:
         overrides["name"] = args.model
     if args.img_size:

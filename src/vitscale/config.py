@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -20,6 +21,75 @@ from vitscale.errors import ConfigError
 from vitscale.models.config import ModelConfig
 
 
+def setting(default: Any = dataclasses.MISSING, *, ge: float | None = None,
+            gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field with the range its numbers must lie in (checked by `check_ranges`,
+    element-wise for lists / tuples / dict values; None passes, it means "off" or "auto")."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    return field(default=default, metadata={"bounds": bounds})
+
+
+def _range_text(bounds: dict[str, float]) -> str:
+    lo = ("[", bounds["ge"]) if "ge" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
+    hi = ("]", bounds["le"]) if "le" in bounds else (")", bounds["lt"]) if "lt" in bounds else None
+    if lo and hi:
+        return f"in {lo[0]}{lo[1]:g}, {hi[1]:g}{hi[0]}"
+    if lo:
+        return f"{'>=' if lo[0] == '[' else '>'} {lo[1]:g}"
+    return f"{'<=' if hi[0] == ']' else '<'} {hi[1]:g}"
+
+
+def _in_bounds(value: float, bounds: dict[str, float]) -> bool:
+    return (value >= bounds.get("ge", -math.inf) and value > bounds.get("gt", -math.inf)
+            and value <= bounds.get("le", math.inf) and value < bounds.get("lt", math.inf))
+
+
+def check_ranges(cfg: Any, prefix: str = "") -> None:
+    """Every `setting(...)` field of `cfg` (and of its nested sections) within its bounds, or a
+    one-line ConfigError naming the key, its value and the range."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{key}.")
+            continue
+        bounds = f.metadata.get("bounds")
+        if not bounds or value is None:
+            continue
+        items = value.values() if isinstance(value, dict) else value \
+            if isinstance(value, (list, tuple)) else [value]
+        if not all(_in_bounds(v, bounds) for v in items):
+            raise ConfigError(f"{key}={value!r} must be {_range_text(bounds)}")
+
+
+# ---------------------------------------------------------------------------------- model fields
+def model_field_types(name: str | None) -> dict[str, Any]:
+    """{field: annotated type} of the model family `name` builds (ModelConfig, or AsViTConfig for
+    "asvit..." names); None (the family comes from a checkpoint): both, ModelConfig's first."""
+    from vitscale.models.asvit import AsViTConfig
+    from vitscale.models.registry import is_asvit
+
+    vit, asvit = typing.get_type_hints(ModelConfig), typing.get_type_hints(AsViTConfig)
+    if name is None:
+        return {**asvit, **vit}
+    return asvit if is_asvit(name) else vit
+
+
+def coerce_model_fields(values: dict[str, Any], name: str | None, prefix: str) -> dict[str, Any]:
+    """Model config fields checked and converted to their annotated types (YAML reads
+    `norm_eps=1e-5` as a string, a tuple as a list), or a one-line ConfigError naming the field
+    as `prefix + field`."""
+    types = model_field_types(name)
+    out = {}
+    for field_name, value in values.items():
+        if field_name not in types:
+            family = "a model" if name is None else repr(name)
+            raise ConfigError(f"{prefix}{field_name}: not a setting of {family}; valid settings: "
+                              f"{', '.join(sorted(types))}")
+        out[field_name] = _coerce(value, types[field_name], f"{prefix}{field_name}")
+    return out
+
+
 @dataclass
 class ModelSection:
     """Which model to build: a named size plus ModelConfig field overrides, or a checkpoint."""
@@ -27,7 +97,12 @@ class ModelSection:
     name: str = "Ti/16"  # a named size ("S/16", "R50+B/16") or As-ViT ("asvit-large", "asvit:K,S,E|...")
     init: str | None = None  # checkpoint to start from (any format `vitscale convert` reads)
     reset_head: bool = True  # with `init`: a new zero-init head when the classes differ
-    overrides: dict[str, Any] = field(default_factory=dict)  # any ModelConfig field
+    overrides: dict[str, Any] = field(default_factory=dict)  # any ModelConfig / AsViTConfig field
+
+    def __post_init__(self) -> None:
+        # Typed at config time, so a bad override fails here and not in the first forward pass.
+        self.overrides = coerce_model_fields(self.overrides, None if self.init else self.name,
+                                             "model.overrides.")
 
     def build_config(self, num_classes: int, img_size: int | tuple[int, int]) -> ModelConfig:
         from vitscale.models.registry import any_config
@@ -43,43 +118,44 @@ class ModelSection:
 class DataConfig:
     source: str = "digits"  # digits | imagefolder:PATH | webdataset:PATTERN | hf:NAME | torchvision:NAME
     root: str = "data"  # where torchvision datasets are stored / downloaded
-    img_size: int = 32
-    batch_size: int = 128
-    eval_batch_size: int = 256
-    num_workers: int = 0
-    minival_fraction: float = 0.1  # held out of train for model selection (as the papers)
+    img_size: int = setting(32, ge=1)
+    batch_size: int = setting(128, ge=1)
+    eval_batch_size: int = setting(256, ge=1)
+    num_workers: int = setting(0, ge=0)
+    minival_fraction: float = setting(0.1, ge=0, lt=1)  # held out of train for model selection
     augment: str = "light1"  # AugReg preset: none light1 light2 medium1 medium2 strong1 strong2
-    randaug_layers: int | None = None  # None: from the preset
-    randaug_magnitude: int | None = None
-    mixup_alpha: float | None = None
-    cutmix_alpha: float = 0.0
-    crop_scale_min: float = 0.05  # inception crop area lower bound (pre-training)
+    randaug_layers: int | None = setting(None, ge=0)  # None: from the preset
+    randaug_magnitude: int | None = setting(None, ge=0)
+    mixup_alpha: float | None = setting(None, ge=0)
+    cutmix_alpha: float = setting(0.0, ge=0)
+    crop_scale_min: float = setting(0.05, gt=0, le=1)  # inception crop area lower bound
     flip: bool | None = None  # horizontal flips; None: on, except for glyph sources (digits, MNIST)
-    max_skip_fraction: float = 0.01  # fail when more unreadable images than this are skipped
+    max_skip_fraction: float = setting(0.01, ge=0, le=1)  # fail when more unreadable images are skipped
 
 
 @dataclass
 class OptimConfig:
     name: str = "adamw"  # adamw | adam_bf16 | adafactor_bv | sgd
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    head_weight_decay: float | None = None  # decoupled head decay (Scaling ViT); None: as body
+    lr: float = setting(1e-3, gt=0)
+    weight_decay: float = setting(1e-4, ge=0)
+    head_weight_decay: float | None = setting(None, ge=0)  # decoupled head decay (Scaling ViT); None: as body
     decay_norms_and_biases: bool = False  # decay LayerNorm, biases, posemb, tokens too
-    betas: tuple[float, float] = (0.9, 0.999)
-    momentum: float = 0.9
-    eps: float = 1e-8
-    lr_mults: dict[str, float] = field(default_factory=dict)  # regex -> lr multiplier
-    grad_clip: float | None = 1.0  # global-norm clipping
+    betas: tuple[float, float] = setting((0.9, 0.999), ge=0, lt=1)
+    momentum: float = setting(0.9, ge=0, lt=1)
+    eps: float = setting(1e-8, ge=0)
+    lr_mults: dict[str, float] = field(default_factory=dict,  # regex -> lr multiplier
+                                       metadata={"bounds": {"ge": 0}})
+    grad_clip: float | None = setting(1.0, gt=0)  # global-norm clipping; None: off
 
 
 @dataclass
 class ScheduleConfig:
     decay: str = "cosine"  # cosine | linear | rsqrt | constant
-    warmup_steps: int = 0
-    warmup_fraction: float = 0.0  # alternative to warmup_steps: a fraction of total steps
-    cooldown_steps: int = 0  # linear cooldown to 0 at the end (rsqrt schedule)
-    timescale: int = 10_000  # rsqrt timescale
-    end_lr_fraction: float = 0.0  # linear/cosine end value relative to lr
+    warmup_steps: int = setting(0, ge=0)
+    warmup_fraction: float = setting(0.0, ge=0, le=1)  # instead of warmup_steps: a fraction of all steps
+    cooldown_steps: int = setting(0, ge=0)  # linear cooldown to 0 at the end (rsqrt schedule)
+    timescale: int = setting(10_000, ge=1)  # rsqrt timescale
+    end_lr_fraction: float = setting(0.0, ge=0, le=1)  # linear/cosine end value relative to lr
 
 
 @dataclass
@@ -87,11 +163,11 @@ class FewshotEvalConfig:
     """Few-shot linear regression on the pooled features during training (big_vision's
     fewshot evaluator): every `every` steps and at the end, written to metrics.jsonl."""
 
-    every: int | None = None  # steps; None: off
+    every: int | None = setting(None, ge=0)  # steps; None or 0: off
     source: str | None = None  # None: the training data (its train split and test split)
-    shots: list[int] = field(default_factory=lambda: [1, 5, 10])
-    seeds: int = 3
-    l2: float = 1024.0
+    shots: list[int] = field(default_factory=lambda: [1, 5, 10], metadata={"bounds": {"ge": 1}})
+    seeds: int = setting(3, ge=1)
+    l2: float = setting(1024.0, ge=0)
 
 
 @dataclass
@@ -106,23 +182,25 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     evals: EvalsConfig = field(default_factory=EvalsConfig)
-    seed: int = 0
-    epochs: float = 10.0
-    steps: int | None = None  # overrides epochs when set
+    seed: int = setting(0, ge=0)
+    epochs: float = 10.0  # > 0 unless steps is set
+    steps: int | None = setting(None, ge=1)  # overrides epochs when set
     loss: str = "softmax"  # softmax | sigmoid
-    label_smoothing: float = 0.0
-    accum_steps: int = 1
+    label_smoothing: float = setting(0.0, ge=0, lt=1)
+    accum_steps: int = setting(1, ge=1)
     precision: str = "fp32"  # fp32 | bf16 (autocast)
-    ema_decay: float | None = None  # Polyak / EMA of weights, evaluated alongside the raw ones
+    ema_decay: float | None = setting(None, gt=0, lt=1)  # Polyak / EMA of weights, evaluated beside the raw
     ema_warmup: bool = True  # decay min(ema_decay, (1+step)/(10+step)): no lag in short runs
     on_nonfinite: str = "stop"  # stop | skip
+    # With on_nonfinite=skip: stop (one line) once more than this fraction of all steps is skipped.
+    max_skipped_fraction: float = setting(0.1, ge=0, le=1)
     # Progressive re-tokenization (As-ViT models): [[start fraction of training, stride,
     # dilation], ...] for the tokenizer, e.g. [[0, 16, 5], [0.33, 8, 2], [0.67, 4, 1]].
     retokenize: list[list[float]] = field(default_factory=list)
-    log_every: int = 10
-    eval_every: int | None = None  # steps; None: once per epoch
-    ckpt_every: int | None = None  # steps; None: once per epoch
-    keep_checkpoints: int = 2
+    log_every: int = setting(10, ge=1)
+    eval_every: int | None = setting(None, ge=1)  # steps; None: once per epoch
+    ckpt_every: int | None = setting(None, ge=1)  # steps; None: once per epoch
+    keep_checkpoints: int = setting(2, ge=1)
     out_dir: str = "runs/default"
     device: str = "auto"  # auto | cpu | cuda
     # Bitwise-reproducible CUDA runs (resume included): deterministic kernels and cuBLAS
@@ -171,6 +249,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return [_coerce(v, etp, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]: any length
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{key}: expected a list, got {value!r}")
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
@@ -233,14 +315,23 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def parse_override(item: str) -> tuple[str, Any]:
+def parse_override(item: str, example: str = "optim.lr=0.001") -> tuple[str, Any]:
+    """'key=value' -> (key, value read as a YAML scalar / list; the raw text when it is not
+    valid YAML, so the type check names the key instead of YAML printing a traceback)."""
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"bad override {item!r}; write section.key=value, e.g. optim.lr=0.001")
+        raise ConfigError(f"bad setting {item!r}; write KEY=VALUE, e.g. {example}")
     try:
         return key.strip(), yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
         return key.strip(), value
+
+
+def parse_model_settings(items: list[str] | None, prefix: str = "--set ") -> dict[str, Any]:
+    """['heads=6', 'norm_eps=1e-5'] -> {'heads': 6, 'norm_eps': 1e-05}: model config fields,
+    typed as `ModelSection.overrides` are (any model family: a checkpoint decides)."""
+    pairs = [parse_override(item, example="heads=6") for item in items or []]
+    return coerce_model_fields(dict(pairs), None, prefix)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -273,31 +364,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def validate_TrainConfig(cfg: TrainConfig) -> None:  # noqa: N802 - looked up by class name
+    from vitscale.data.transforms import AUGREG_PRESETS
+    from vitscale.optim import OPTIMIZERS
+    from vitscale.optim.schedules import DECAYS
+
+    check_ranges(cfg)
     world = int(os.environ.get("WORLD_SIZE", 1))  # processes of a torchrun data-parallel run
+    choices = [
+        ("loss", ("softmax", "sigmoid")),
+        ("precision", ("fp32", "bf16")),
+        ("on_nonfinite", ("stop", "skip")),
+        ("device", ("auto", "cpu", "cuda")),
+        ("optim.name", OPTIMIZERS),
+        ("schedule.decay", DECAYS),
+        ("data.augment", tuple(AUGREG_PRESETS)),
+    ]
+    for key, valid in choices:
+        if _get(cfg, key) not in valid:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} is not valid; choose one of "
+                              f"{', '.join(valid)}")
     checks = [
-        (cfg.optim.lr > 0, "optim.lr", "must be positive"),
-        (cfg.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0"),
-        (cfg.data.batch_size > 0, "data.batch_size", "must be positive"),
-        (cfg.data.eval_batch_size > 0, "data.eval_batch_size", "must be positive"),
-        (0 <= cfg.data.minival_fraction < 1, "data.minival_fraction", "must be in [0, 1)"),
         (cfg.epochs > 0 or (cfg.steps or 0) > 0, "epochs", "must be positive (or set steps)"),
-        (cfg.accum_steps >= 1, "accum_steps", "must be >= 1"),
         (cfg.data.batch_size % (cfg.accum_steps * world) == 0, "data.batch_size",
          f"must be divisible by accum_steps={cfg.accum_steps}"
          + (f" x {world} processes" if world > 1 else "")),
-        (0 <= cfg.label_smoothing < 1, "label_smoothing", "must be in [0, 1)"),
-        (cfg.loss in ("softmax", "sigmoid"), "loss", "must be softmax or sigmoid"),
-        (cfg.precision in ("fp32", "bf16"), "precision", "must be fp32 or bf16"),
-        (cfg.on_nonfinite in ("stop", "skip"), "on_nonfinite", "must be stop or skip"),
-        (cfg.ema_decay is None or 0 < cfg.ema_decay < 1, "ema_decay", "must be in (0, 1)"),
-        (cfg.schedule.decay in ("cosine", "linear", "rsqrt", "constant"), "schedule.decay",
-         "must be cosine, linear, rsqrt or constant"),
-        (cfg.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1"),
-        ((cfg.evals.fewshot.every or 0) >= 0, "evals.fewshot.every", "must be >= 0"),
-        (all(k >= 1 for k in cfg.evals.fewshot.shots), "evals.fewshot.shots",
-         "must all be >= 1"),
-        (cfg.evals.fewshot.seeds >= 1, "evals.fewshot.seeds", "must be >= 1"),
-        (cfg.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda"),
     ]
     for ok, key, message in checks:
         if not ok:

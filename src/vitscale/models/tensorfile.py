@@ -1,4 +1,5 @@
-"""Read a flat name -> tensor mapping from safetensors or a (weights-only) PyTorch pickle."""
+"""Read a flat name -> tensor mapping from safetensors or a (weights-only) PyTorch pickle, and
+say in one line how a state dict fails to fit a model."""
 
 from __future__ import annotations
 
@@ -47,3 +48,22 @@ def read_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
     ):
         raise CheckpointError(f"{path} does not hold a flat mapping of parameter names to tensors")
     return {k.removeprefix("module."): v for k, v in tensors.items()}
+
+
+def state_dict_mismatch(own: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor],
+                        optional: tuple[str, ...] = ()) -> str | None:
+    """None when `loaded` has exactly `own`'s keys and shapes (keys in `optional` may be
+    missing); otherwise one line naming the first missing, unexpected and misshapen tensors,
+    with both shapes."""
+    missing = [k for k in own if k not in loaded and k not in optional]
+    unexpected = [k for k in loaded if k not in own]
+    shapes = [f"{k} {tuple(loaded[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in loaded and loaded[k].shape != own[k].shape]  # model order
+    parts = [f"{what} {_first(items)}" for what, items in
+             (("missing", missing), ("unexpected", unexpected), ("shapes differ:", shapes)) if items]
+    return "; ".join(parts) or None
+
+
+def _first(items: list[str], n: int = 4) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more

@@ -10,25 +10,38 @@ Layout inside a run directory:
 
 A checkpoint folder is assembled under a temporary name, every file fsynced, then renamed into
 place; `latest` is replaced atomically afterwards. A crash at any moment leaves the previous
-checkpoint intact and `latest` pointing at a complete folder. Loading never unpickles.
+checkpoint intact and `latest` pointing at a complete folder (a folder re-written at the same
+step is first moved aside as `.old-step-N-PID`, which stays a resume candidate until the new one
+is in place). state.json records the SHA-256 of both safetensors files, so a truncated or
+corrupted file is recognised on resume, and resuming falls back to the newest checkpoint that
+loads. Loading never unpickles.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
+import re
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from vitscale.errors import CheckpointError
-from vitscale.utils.io import _fsync_dir, atomic_write_text
+from vitscale.models.tensorfile import state_dict_mismatch
+from vitscale.utils.io import _fsync_dir, atomic_write_text, first_line
 
 LATEST = "latest"
+TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
+_STEP_DIR = re.compile(r"^(?:\.old-)?step-(\d+)(?:-\d+)?$")
 
 
 def _encode_rng(state: torch.Tensor) -> str:
@@ -79,6 +92,18 @@ def all_finite(module: torch.nn.Module) -> bool:
     return all(torch.isfinite(p).all() for p in module.parameters())
 
 
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint file that cannot be read back (truncated, corrupted, missing)."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -103,19 +128,26 @@ def save_checkpoint(
         weights.update({f"ema.{k}": v.detach().contiguous().cpu()
                         for k, v in ema.state_dict().items()})
     opt_tensors, opt_meta = _split_optimizer_state(optimizer.state_dict())
-    doc = {"step": step, "rng": rng_state(), "optimizer": opt_meta, **state}
-    save_file(weights, str(tmp / "model.safetensors"))
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(doc), encoding="utf-8")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
+    save_file(weights, str(tmp / TENSOR_FILES[0]))
+    save_file(opt_tensors, str(tmp / TENSOR_FILES[1]))
+    sums = {}
+    for f in TENSOR_FILES:
+        with open(tmp / f, "rb") as fh:
             os.fsync(fh.fileno())
+        sums[f] = _sha256(tmp / f)
+    doc = {"step": step, "rng": rng_state(), "optimizer": opt_meta, "sha256": sums, **state}
+    atomic_write_text(tmp / "state.json", json.dumps(doc))
     _fsync_dir(tmp)
-    if final.exists():  # an older attempt at the same step (e.g. after a resume): replace it
-        shutil.rmtree(final)
+    aside = None
+    if final.exists():  # an older attempt at the same step (e.g. after --resume): replace it,
+        aside = ckpt_root / f".old-{name}-{os.getpid()}"  # keeping it until the new one is in
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(final, aside)
     os.replace(tmp, final)
     _fsync_dir(ckpt_root)
     atomic_write_text(ckpt_root / LATEST, name + "\n")
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
     _prune(ckpt_root, keep)
     return final
 
@@ -124,11 +156,12 @@ def _prune(ckpt_root: Path, keep: int) -> None:
     done = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())
     for old in done[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    for stale in ckpt_root.glob(".tmp-*"):  # left by a crash mid-write
+    for stale in [*ckpt_root.glob(".tmp-*"), *ckpt_root.glob(".old-*")]:  # left by a crash
         shutil.rmtree(stale, ignore_errors=True)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The folder `checkpoints/latest` names (None without one); an error when it is missing."""
     ckpt_root = Path(run_dir) / "checkpoints"
     pointer = ckpt_root / LATEST
     if not pointer.is_file():
@@ -140,6 +173,83 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path
 
 
+def resume_candidates(run_dir: str | Path) -> list[Path]:
+    """Checkpoint folders to resume from, best first: the one `latest` names, then every other
+    step folder (and one moved aside mid-replacement), newest step first."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    if not ckpt_root.is_dir():
+        return []
+    found = [(int(m.group(1)), not p.name.startswith("."), p) for p in ckpt_root.iterdir()
+             if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    ordered = [p for *_, p in sorted(found, key=lambda t: (t[0], t[1]), reverse=True)]
+    pointer = ckpt_root / LATEST
+    if pointer.is_file():
+        named = ckpt_root / pointer.read_text(encoding="utf-8").strip()
+        ordered = [named] + [p for p in ordered if p != named]
+    return ordered
+
+
+@dataclass
+class CheckpointFiles:
+    """What a step folder holds, read and verified but not yet applied to a model."""
+
+    path: Path
+    doc: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, torch.Tensor]
+
+
+def read_checkpoint(path: str | Path) -> CheckpointFiles:
+    """Read every file of a step folder, checking the recorded SHA-256 sums; a CorruptCheckpoint
+    naming the first file that cannot be read back."""
+    path = Path(path)
+    where = path / "state.json"
+    try:
+        doc = json.loads(where.read_text(encoding="utf-8"))
+        step = doc["step"]
+        tensors = []
+        for name in TENSOR_FILES:
+            where = path / name
+            data = where.read_bytes()
+            expected = doc.get("sha256", {}).get(name)  # absent in checkpoints before the sums
+            if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+                raise ValueError("its SHA-256 differs from the one recorded at save time")
+            tensors.append(load_safetensors(data))
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        raise CorruptCheckpoint(f"{where} cannot be read ({first_line(exc)})") from None
+    if not isinstance(step, int):
+        raise CorruptCheckpoint(f"{path / 'state.json'} has no integer step")
+    return CheckpointFiles(path, doc, *tensors)
+
+
+def apply_checkpoint(files: CheckpointFiles, model: torch.nn.Module,
+                     optimizer: torch.optim.Optimizer | None = None,
+                     ema: torch.nn.Module | None = None, restore_rng: bool = True) -> dict[str, Any]:
+    """Restore model / optimizer / EMA (/ RNG) from a read checkpoint; returns its state.json.
+    A checkpoint of another model is a one-line error naming the tensors that differ."""
+    own = {k: v for k, v in files.weights.items() if not k.startswith("ema.")}
+    parts = [("", model, own)]
+    if ema is not None:
+        parts.append(("ema.", ema, {k[4:]: v for k, v in files.weights.items()
+                                    if k.startswith("ema.")}))
+    for prefix, module, weights in parts:
+        problem = state_dict_mismatch(module.state_dict(), weights)
+        if problem:
+            raise CheckpointError(f"checkpoint {files.path} does not fit this model ({prefix}"
+                                  f"{problem}); was the config changed since the run started?")
+        module.load_state_dict(weights)
+    if optimizer is not None:
+        try:
+            optimizer.load_state_dict(_join_optimizer_state(files.optimizer, files.doc["optimizer"]))
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"checkpoint {files.path}: its optimizer state does not fit "
+                                  f"this optimizer ({first_line(exc)}); was optim.name or the "
+                                  "model changed since the run started?") from None
+    if restore_rng:
+        set_rng_state(files.doc["rng"])
+    return files.doc
+
+
 def load_checkpoint(
     path: str | Path,
     model: torch.nn.Module,
@@ -148,24 +258,37 @@ def load_checkpoint(
     restore_rng: bool = True,
 ) -> dict[str, Any]:
     """Restore model / optimizer / EMA / RNG from a step folder; returns its state.json."""
-    path = Path(path)
-    try:
-        doc = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        weights = load_file(str(path / "model.safetensors"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path} ({exc})") from None
-    own = {k: v for k, v in weights.items() if not k.startswith("ema.")}
-    try:
-        model.load_state_dict(own)
-        if ema is not None:
-            ema.load_state_dict({k[4:]: v for k, v in weights.items() if k.startswith("ema.")})
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise CheckpointError(f"checkpoint {path} does not fit this model ({first}); was the "
-                              "config changed since the run started?") from None
-    if optimizer is not None:
-        tensors = load_file(str(path / "optimizer.safetensors"))
-        optimizer.load_state_dict(_join_optimizer_state(tensors, doc["optimizer"]))
-    if restore_rng:
-        set_rng_state(doc["rng"])
-    return doc
+    return apply_checkpoint(read_checkpoint(path), model, optimizer, ema, restore_rng)
+
+
+def read_newest_loadable(run_dir: str | Path, warn: Callable[[str], None],
+                         set_aside: bool = True) -> CheckpointFiles | None:
+    """The newest checkpoint of a run directory whose files read back whole (None when there is
+    none at all). Each unreadable one is reported through `warn` in one line and, with
+    `set_aside` (the process that writes the run directory), renamed to `unreadable-step-N`
+    (never deleted, never pruned) with `latest` pointed at the one that loads. When none reads,
+    a one-line CheckpointError."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    candidates = resume_candidates(run_dir)
+    bad: list[tuple[Path, str]] = []
+    for path in candidates:
+        try:
+            files = read_checkpoint(path)
+        except CorruptCheckpoint as exc:
+            bad.append((path, str(exc)))
+            continue
+        for old, reason in bad:
+            kept = ckpt_root / f"unreadable-{old.name.lstrip('.')}"
+            if set_aside and old.is_dir():
+                os.replace(old, kept)
+            where = f"; it is kept as {kept}" if old.is_dir() or kept.is_dir() else ""
+            warn(f"checkpoint {old.name} is unreadable: {reason}{where}; resuming from "
+                 f"{path.name}")
+        if bad and set_aside:
+            atomic_write_text(ckpt_root / LATEST, path.name + "\n")
+        return files
+    if candidates:
+        reasons = "; ".join(reason for _, reason in bad[:2])
+        raise CheckpointError(f"no checkpoint in {ckpt_root} can be read ({reasons}); move the "
+                              "folder away to start over")
+    return None

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +25,9 @@ from vitscale.config import TrainConfig, dump_config, load_config
 from vitscale.errors import CheckpointError, UserError
 from vitscale.train import distributed
 from vitscale.train.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
+    apply_checkpoint,
+    read_checkpoint,
+    read_newest_loadable,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -103,9 +105,10 @@ def total_steps(cfg: TrainConfig, train_size: int) -> int:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: str,
-             world: World = SINGLE) -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy over `loader`; with several processes each passes
-    its shard of the split and the counts are summed."""
+             world: World = SINGLE, loss: str = "softmax") -> dict[str, float]:
+    """Top-1 accuracy and the mean of the run's loss (softmax or sigmoid cross-entropy, no label
+    smoothing) over `loader`; with several processes each passes its shard of the split and the
+    counts are summed."""
     model.eval()
     correct = total = 0
     loss_sum = 0.0
@@ -113,7 +116,8 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: st
         x, y = x.to(device), y.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = model(x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        targets = F.one_hot(y, logits.shape[-1]).float()
+        loss_sum += loss_fn(logits, targets, loss, 0.0).item() * y.numel()
         correct += (logits.argmax(-1) == y).sum().item()
         total += y.numel()
     correct, total, loss_sum = all_sum([correct, total, loss_sum], world, device)
@@ -193,18 +197,23 @@ class Trainer:
         self.skipped_steps = 0
         self.best: dict[str, float] = {}
         self._fewshot_data = None  # built on first use
-        ckpt = Path(resume) if resume else latest_checkpoint(self.run_dir)
         self.resumed_from: int | None = None
-        if ckpt is not None:
-            if not (ckpt / "state.json").is_file():
-                raise CheckpointError(f"{ckpt} is not a checkpoint folder (no state.json)")
-            doc = load_checkpoint(ckpt, self.model, self.optimizer,
-                                  self.ema.module if self.ema else None, restore_rng=False)
+        if resume:  # the checkpoint asked for, or a one-line error: no silent fallback
+            if not (Path(resume) / "state.json").is_file():
+                raise CheckpointError(f"{resume} is not a checkpoint folder (no state.json)")
+            files = read_checkpoint(resume)
+        else:
+            quiet = lambda _message: None  # noqa: E731 - the other processes: rank 0 warns
+            files = read_newest_loadable(self.run_dir, _warn if self.world.is_main else quiet,
+                                         set_aside=self.world.is_main)
+        if files is not None:
+            doc = apply_checkpoint(files, self.model, self.optimizer,
+                                   self.ema.module if self.ema else None, restore_rng=False)
             rngs = doc.get("rng_per_process", [doc["rng"]])
             if len(rngs) != self.world.size:
                 raise CheckpointError(
-                    f"{ckpt} was written by a run of {len(rngs)} process(es) and this one has "
-                    f"{self.world.size}; resume with the same number to continue exactly")
+                    f"{files.path} was written by a run of {len(rngs)} process(es) and this one "
+                    f"has {self.world.size}; resume with the same number to continue exactly")
             set_rng_state(rngs[self.world.rank])
             self.step = doc["step"]
             self.skipped_steps = doc.get("skipped_steps", 0)
@@ -336,6 +345,12 @@ class Trainer:
                             "optim.grad_clip, or set on_nonfinite=skip to skip such steps")
                     self.skipped_steps += 1
                     self.optimizer.zero_grad(set_to_none=True)
+                    if self.skipped_steps > cfg.max_skipped_fraction * self.total:
+                        raise TrainingError(
+                            f"{self.skipped_steps} of the first {step + 1} steps had a non-finite "
+                            f"loss or gradient, more than max_skipped_fraction="
+                            f"{cfg.max_skipped_fraction:g} of {self.total} steps; lower optim.lr "
+                            "or enable optim.grad_clip (or raise max_skipped_fraction)")
                 self.step = step + 1
                 window_images += cfg.data.batch_size
                 window_correct += outcome[1] if outcome is not None else 0
@@ -382,6 +397,9 @@ class Trainer:
                 save(self.ema.module, self.run_dir / "model_ema")
             if self.data.skipped:
                 print(f"skipped {self.data.skipped} unreadable images")
+            if self.skipped_steps:
+                print(f"skipped {self.skipped_steps} of {self.total} steps (non-finite loss or "
+                      "gradient)")
         distributed.barrier(self.world)
         result = {k: v for k, v in final.items() if isinstance(v, (int, float))}
         return RunResult(self.run_dir, self.step, result, time.perf_counter() - started, main)
@@ -395,7 +413,8 @@ class Trainer:
         for prefix, model in (("", self.model), ("ema/", self.ema.module if self.ema else None)):
             if model is None:
                 continue
-            metrics = evaluate(model, loader, self.device, self.cfg.precision, self.world)
+            metrics = evaluate(model, loader, self.device, self.cfg.precision, self.world,
+                               self.cfg.loss)
             record[f"{prefix}{split}/accuracy"] = metrics["accuracy"]
             record[f"{prefix}{split}/loss"] = metrics["loss"]
         return record
@@ -456,6 +475,10 @@ class Trainer:
                             ema=self.ema.module if self.ema else None,
                             keep=self.cfg.keep_checkpoints)
         distributed.barrier(self.world)
+
+
+def _warn(message: str) -> None:
+    print(f"vitscale: warning: {message}", file=sys.stderr)
 
 
 def _write(log: MetricsLog | None, record: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ import torch
 
 from vitscale.errors import CheckpointError, ConfigError
 from vitscale.models.config import ModelConfig
-from vitscale.models.tensorfile import read_tensor_file
+from vitscale.models.tensorfile import read_tensor_file, short_list, state_dict_mismatch
 from vitscale.models.vit import VisionTransformer
 from vitscale.utils.io import atomic_write, atomic_write_text, first_line, read_json
 
@@ -177,7 +177,7 @@ def _read_sharded(folder: Path, index: Path) -> dict[str, torch.Tensor]:
         tensors.update(read_tensor_file(folder / shard))
     missing = sorted(set(weight_map) - set(tensors))
     if missing:
-        raise CheckpointError(f"{index} lists tensors its shards lack: {_short(missing)}")
+        raise CheckpointError(f"{index} lists tensors its shards lack: {short_list(missing)}")
     return tensors
 
 
@@ -205,7 +205,7 @@ def _to_vitscale(raw: dict[str, torch.Tensor], where: Path) -> dict[str, torch.T
             sd[f"blocks.{layer}.{ours}.{param}"] = value
     if unknown:
         raise CheckpointError(
-            f"{where}: unexpected weights {_short(unknown)}; only ViTModel and "
+            f"{where}: unexpected weights {short_list(unknown)}; only ViTModel and "
             "ViTForImageClassification checkpoints can be read"
         )
     for (layer, param), parts in sorted(qkv.items()):
@@ -284,20 +284,10 @@ def _size(value: Any) -> int | tuple[int, int]:
 def _check_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor], what: str) -> None:
     """Compare key names and shapes with the model `cfg` builds (on the meta device: no memory)."""
     with torch.device("meta"):
-        ref = {k: tuple(v.shape) for k, v in VisionTransformer(cfg).state_dict().items()}
-    missing = [k for k in ref if k not in sd]
-    unexpected = [k for k in sd if k not in ref]
-    bad = [f"{k} {tuple(sd[k].shape)} vs {ref[k]}" for k in ref
-           if k in sd and tuple(sd[k].shape) != ref[k]]
-    problems = []
-    if missing:
-        problems.append(f"missing {_short(missing)}")
-    if unexpected:
-        problems.append(f"unexpected {_short(unexpected)}")
-    if bad:
-        problems.append(f"shapes {_short(bad)}")
-    if problems:
-        raise CheckpointError(f"{what}: " + "; ".join(problems))
+        ref = VisionTransformer(cfg).state_dict()
+    problem = state_dict_mismatch(ref, sd)
+    if problem:
+        raise CheckpointError(f"{what}: {problem}")
 
 
 # ---------------------------------------------------------------------------------- writing
@@ -483,8 +473,3 @@ def download_hub(
         )
     return folder
 
-
-# ---------------------------------------------------------------------------------- helpers
-def _short(items: list[str], n: int = 4) -> str:
-    more = f" (+{len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(items[:n]) + more

@@ -59,11 +59,12 @@ def state_dict_mismatch(own: dict[str, torch.Tensor], loaded: dict[str, torch.Te
     unexpected = [k for k in loaded if k not in own]
     shapes = [f"{k} {tuple(loaded[k].shape)} vs model {tuple(own[k].shape)}"
               for k in own if k in loaded and loaded[k].shape != own[k].shape]  # model order
-    parts = [f"{what} {_first(items)}" for what, items in
+    parts = [f"{what} {short_list(items)}" for what, items in
              (("missing", missing), ("unexpected", unexpected), ("shapes differ:", shapes)) if items]
     return "; ".join(parts) or None
 
 
-def _first(items: list[str], n: int = 4) -> str:
+def short_list(items: list[str], n: int = 4) -> str:
+    """The first `n` items, comma-separated, and how many more there are."""
     more = f" (+{len(items) - n} more)" if len(items) > n else ""
     return ", ".join(items[:n]) + more

@@ -22,7 +22,7 @@ from vitscale.errors import CheckpointError, ConfigError
 from vitscale.models.config import IMG_SIZE_ASSUMED, ModelConfig, pair
 from vitscale.models.posemb import resample_grid, resample_patch_kernel
 from vitscale.models.registry import SIZES, model_config
-from vitscale.models.tensorfile import read_tensor_file
+from vitscale.models.tensorfile import read_tensor_file, state_dict_mismatch
 from vitscale.models.vit import VisionTransformer
 from vitscale.utils.io import atomic_write, atomic_write_text, read_json
 
@@ -390,27 +390,11 @@ def load_state_dict_into(
 ) -> None:
     """Load `sd` (from a model configured as `src`) into `model`, strictly, with clear errors."""
     sd = adapt_state_dict(sd, src, model.cfg, reset_head=reset_head)
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd and not (reset_head and k in HEAD_KEYS)]
-    unexpected = [k for k in sd if k not in own]
-    if missing or unexpected:
-        raise CheckpointError(
-            "checkpoint does not match the model: "
-            + (f"missing {_short(missing)}" if missing else "")
-            + ("; " if missing and unexpected else "")
-            + (f"unexpected {_short(unexpected)}" if unexpected else "")
-            + "; check the model name / switches (pool, class_token, qk_norm, biases)"
-        )
-    bad = [f"{k} {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-           for k in sd if sd[k].shape != own[k].shape]
-    if bad:
-        raise CheckpointError(f"checkpoint shapes do not match the model: {_short(bad)}")
+    problem = state_dict_mismatch(model.state_dict(), sd, HEAD_KEYS if reset_head else ())
+    if problem:
+        raise CheckpointError(f"checkpoint does not match the model: {problem}; check the model "
+                              "name / switches (pool, class_token, qk_norm, biases)")
     model.load_state_dict(sd, strict=not reset_head)
-
-
-def _short(items: list[str], n: int = 4) -> str:
-    more = f" (+{len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
 
 
 def load(path: str | Path, reset_head: bool | None = None, **overrides: Any) -> VisionTransformer:

@@ -57,17 +57,12 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
 
 def reliability_diagram(reliability: list[dict[str, float]], path: str | Path, title: str = "") -> Path:
     """A PNG: accuracy per confidence bin against the diagonal, with the bin counts below."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from vitscale.utils.io import atomic_write
+    from vitscale.utils.plot import figure, save_png
 
     centers = [(b["lo"] + b["hi"]) / 2 for b in reliability]
     width = reliability[0]["hi"] - reliability[0]["lo"]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 6), sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 1]})
+    fig = figure(figsize=(5, 6))
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top.bar(centers, [b["accuracy"] for b in reliability], width=width * 0.95, label="accuracy",
             color="tab:blue", edgecolor="black")
     top.bar(centers, [b["confidence"] - b["accuracy"] if b["count"] else 0 for b in reliability],
@@ -82,8 +77,4 @@ def reliability_diagram(reliability: list[dict[str, float]], path: str | Path, t
     bottom.bar(centers, [b["count"] for b in reliability], width=width * 0.95, color="grey")
     bottom.set_xlabel("confidence")
     bottom.set_ylabel("images")
-    fig.tight_layout()
-    path = Path(path)
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=100))
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=100)

@@ -200,14 +200,10 @@ def _row(step: int, cfg: AsViTConfig, settings: ScaleSettings, kappa: float | No
 
 def plot_trajectory(trajectory: list[dict[str, Any]], path: Path,
                     picks: dict[str, dict[str, Any]]) -> Path:
-    import matplotlib
+    from vitscale.utils.plot import figure, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from vitscale.utils.io import atomic_write
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig = figure(figsize=(5.5, 4))
+    ax = fig.subplots()
     depth = [sum(r["depths"]) for r in trajectory]
     width = [r["width"] for r in trajectory]
     ax.plot(depth, width, "o-", ms=4)
@@ -216,7 +212,4 @@ def plot_trajectory(trajectory: list[dict[str, Any]], path: Path,
     ax.set_xlabel("total depth (blocks)")
     ax.set_ylabel("width C of stage 1")
     ax.set_title("auto-scaling trajectory")
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=90))
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

@@ -249,15 +249,11 @@ def write_topology_yaml(cfg: AsViTConfig, path: Path, note: str) -> Path:
 
 
 def plot_search(trajectory: list[dict[str, Any]], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from vitscale.utils.io import atomic_write
+    from vitscale.utils.plot import figure, save_png
 
     steps = [t["step"] for t in trajectory]
-    fig, axes = plt.subplots(3, 1, figsize=(6, 7), sharex=True)
+    fig = figure(figsize=(6, 7))
+    axes = fig.subplots(3, 1, sharex=True)
     axes[0].plot(steps, [t["entropy"] for t in trajectory])
     axes[0].set_ylabel("policy entropy (nats)")
     axes[1].plot(steps, [t["reward"] for t in trajectory], ".", ms=3, label="reward")
@@ -271,10 +267,7 @@ def plot_search(trajectory: list[dict[str, Any]], path: Path) -> Path:
     twin.set_ylabel("L^E", color="tab:red")
     axes[2].set_ylabel("kappa")
     axes[2].set_xlabel("search step")
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=90))
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def random_topologies(n: int, settings: SearchSettings, out_dir: str | Path,

@@ -64,3 +64,29 @@ def test_corrupt_search_state_is_a_one_line_error(tmp_path, capsys):
     assert main(["search", "--out", str(tmp_path), "--steps", "1", *args]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "search.json is not valid JSON" in err and "search afresh" in err
+
+
+def test_plots_leave_the_global_backend_alone(tmp_path):
+    """The three PNG writers draw on their own Agg canvas: a notebook's backend survives."""
+    import matplotlib
+
+    from vitscale.eval.classify import reliability_diagram
+    from vitscale.search.autoscale import plot_trajectory
+    from vitscale.search.reinforce import plot_search
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # a backend that cannot write PNGs: drawing must not go through it
+    try:
+        trajectory = [{"step": s, "entropy": 15.0 - s, "reward": 0.1 * s, "baseline": 0.0,
+                       "kappa": 100.0 + s, "length": 5.0} for s in range(3)]
+        rows = [{"depths": [1, 1, 1, d], "width": w} for d, w in ((1, 32), (2, 40))]
+        bins = [{"lo": 0.0, "hi": 0.5, "accuracy": 0.4, "confidence": 0.3, "count": 3},
+                {"lo": 0.5, "hi": 1.0, "accuracy": 0.8, "confidence": 0.9, "count": 7}]
+        paths = [plot_search(trajectory, tmp_path / "search.png"),
+                 plot_trajectory(rows, tmp_path / "scale.png", {"30M": rows[1]}),
+                 reliability_diagram(bins, tmp_path / "reliability.png")]
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000

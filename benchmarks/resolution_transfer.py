@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 from vitscale.config import load_config
-from vitscale.eval import evaluate_checkpoint, evaluate_model, finetune_sweep, load_model
-from vitscale.train import run
+from vitscale.eval import evaluate_checkpoint, evaluate_model, load_model
+from vitscale.train import finetune_sweep, run
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 SOURCE = ["model.name=Ti/4", "data.img_size=32", "data.crop_scale_min=0.3", "progress=false"]

@@ -22,7 +22,6 @@ from vitscale.eval import (
     evaluate_model,
     fewshot_checkpoint,
     fewshot_eval,
-    finetune_sweep,
     fit_probe,
     linear_probe_checkpoint,
     load_model,
@@ -31,9 +30,24 @@ from vitscale.eval import (
 from vitscale.eval.classify import calibration_bins, expected_calibration_error
 from vitscale.eval.fewshot import BIAS_VALUE, draw_shots
 from vitscale.models import create_model, save
-from vitscale.train import run
+from vitscale.train import finetune_sweep, run
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def test_eval_never_imports_the_trainer_and_old_names_still_work():
+    import subprocess
+    import sys
+
+    code = ("import sys, vitscale.eval, vitscale.cli; "
+            "assert not [m for m in sys.modules if m.startswith('vitscale.train')], "
+            "sorted(m for m in sys.modules if m.startswith('vitscale.train'))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    import vitscale.eval
+
+    with pytest.warns(DeprecationWarning, match="moved to vitscale.train.finetune_sweep"):
+        assert vitscale.eval.finetune_sweep is finetune_sweep
 
 
 # ---------------------------------------------------------------------------------- few-shot
@@ -149,11 +163,15 @@ def untrained(tmp_path_factory):
     return path
 
 
-def test_eval_matches_training_run_and_writes_reliability_png(trained, tmp_path, capsys):
+def test_eval_matches_training_run_and_writes_reliability_png(trained, tmp_path, capsys,
+                                                               monkeypatch):
     run_dir, accuracy = trained
-    png = tmp_path / "rel.png"
-    assert main(["eval", str(run_dir), "--data", "digits", "--json", "--reliability", str(png)]) == 0
+    monkeypatch.chdir(tmp_path)  # nothing may land in the current directory
+    assert main(["eval", str(run_dir / "model"), "--data", "digits", "--json"]) == 0
     m = json.loads(capsys.readouterr().out)
+    png = run_dir / "eval-digits-test-16px.png"  # into the run directory, beside its JSON
+    assert m["reliability_png"] == str(png) and list(tmp_path.iterdir()) == []
+    assert json.loads((run_dir / "eval-digits-test-16px.json").read_text())["top1"] == m["top1"]
     assert m["split"] == "test" and m["n"] == 360
     assert m["top1"] == pytest.approx(accuracy)  # the loop's evaluation, computed another way
     assert m["top1"] <= m["top5"] and 0 <= m["ece"] <= 1 and m["images_per_s"] > 0
@@ -199,8 +217,9 @@ def test_finetune_at_higher_resolution(trained, tmp_path, capsys):
     # 3x3 patches at 24 px (kernel PI-resized) keep the 8x8 grid: the tokens barely move (this
     # weak 0.8 model moves by 5 of 360 images; the demo-strength ones in docs by at most 1).
     assert main(["eval", str(run_dir), "--data", "digits", "--img-size", "24", "--patch", "3",
-                 "--json", "--reliability", ""]) == 0
+                 "--json", "--out", str(tmp_path / "evals")]) == 0
     same_grid = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "evals" / "eval-digits-test-24px.png").is_file()
     assert same_grid["img_size"] == 24 and same_grid["patch"] == [3, 3]
     assert abs(same_grid["top1"] - source) <= 0.02, (source, same_grid["top1"])
 

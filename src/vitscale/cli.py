@@ -157,10 +157,12 @@ def _table(titles: list[str], rows: list[list[Any]]) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from vitscale.eval import evaluate_checkpoint
+    from vitscale.eval.api import output_dir_for
 
+    out = None if args.no_save else Path(args.out) if args.out else output_dir_for(args.checkpoint)
     m = evaluate_checkpoint(args.checkpoint, args.data, img_size=args.img_size, split=args.split,
-                            batch_size=args.batch_size, reliability_png=args.reliability or None,
-                            loss=args.loss, patch=args.patch)
+                            batch_size=args.batch_size, out_dir=out, loss=args.loss,
+                            patch=args.patch)
     if args.json:
         print(json.dumps(m, indent=2))
         return 0
@@ -169,7 +171,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
           f"{m['images_per_s']:.0f} images/s")
     _table(["class", "accuracy"], [[str(k), v] for k, v in m["per_class"].items()])
     if "reliability_png" in m:
-        print(f"reliability diagram: {m['reliability_png']}")
+        print(f"reliability diagram: {m['reliability_png']} (numbers: {m['json']})")
+    elif out is None and not args.no_save:
+        print("nothing written: pass --out DIR for the metrics JSON and reliability diagram")
     return 0
 
 
@@ -205,7 +209,7 @@ def cmd_linear_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from vitscale.eval import finetune, finetune_sweep
+    from vitscale.train import finetune, finetune_sweep
 
     kw = dict(img_size=args.img_size, config=args.config, keep_head=args.keep_head,
               patch=args.patch)
@@ -222,7 +226,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from vitscale.eval import finetune, rank_checkpoints
+    from vitscale.eval import rank_checkpoints
+    from vitscale.train import finetune
 
     rows = rank_checkpoints(args.checkpoints, args.data, by=args.by, shots=args.shots,
                             cache=_cache(args))
@@ -360,8 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p, cache=False)
     p.add_argument("--split", choices=("test", "minival", "train"), help="default: test, else minival")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--reliability", default="reliability.png", metavar="PNG",
-                   help="reliability diagram to write ('' for none; default reliability.png)")
+    p.add_argument("--out", metavar="DIR", help="where eval-<data>-<split>-<img>px.json and the "
+                   "reliability diagram (.png) go (default: the checkpoint's run directory)")
+    p.add_argument("--no-save", action="store_true", help="print only, write no files")
     p.add_argument("--loss", choices=("softmax", "sigmoid"), default="softmax",
                    help="how the head was trained: confidence is max softmax or max sigmoid")
     p.set_defaults(func=cmd_eval)

@@ -1,21 +1,24 @@
-"""Checkpoint-level evaluation and transfer: what `vitscale eval | fewshot | linear-probe |
-finetune | select` run. Every function takes any checkpoint `vitscale.models.load` reads (a
-vitscale run directory too) and any `data.source`."""
+"""Checkpoint-level evaluation: what `vitscale eval | fewshot | linear-probe | select` run.
+Every function takes any checkpoint `vitscale.models.load` reads (a vitscale run directory too)
+and any `data.source`. Fine-tuning is training (`vitscale.train.finetune`): this package never
+imports the trainer."""
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vitscale.config import DataConfig, TrainConfig, load_config
+from vitscale.config import DataConfig
 from vitscale.errors import CheckpointError, DataError
 from vitscale.eval.classify import classification_metrics, reliability_diagram
 from vitscale.eval.features import FeatureCache, Features, extract
 from vitscale.eval.fewshot import DEFAULT_L2, DEFAULT_SEEDS, DEFAULT_SHOTS, FewShotResult, fewshot_eval
 from vitscale.eval.linear_probe import DEFAULT_WDS, ProbeResult, linear_probe
+from vitscale.utils.io import atomic_write_text
 
 
 def resolve_checkpoint(path: str | Path) -> str:
@@ -97,20 +100,41 @@ def check_classes(model, data) -> None:
 
 
 # ---------------------------------------------------------------------------------- eval
+def output_dir_for(checkpoint: str | Path) -> Path | None:
+    """Where files about a checkpoint go by default: its training run directory (for RUN, RUN/model
+    or RUN/model_ema), else the checkpoint's folder, else the folder holding the weights file;
+    None for an `hf-hub:` reference (nowhere of the user's)."""
+    if str(checkpoint).startswith("hf-hub:"):
+        return None
+    path = Path(resolve_checkpoint(checkpoint))
+    if path.is_file():
+        path = path.parent
+    if path.name in ("model", "model_ema") and (path.parent / "config.yaml").is_file():
+        path = path.parent
+    return path
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "data"
+
+
 def evaluate_checkpoint(checkpoint: str | Path, source: str, img_size: int | None = None,
                         split: str | None = None, batch_size: int = 256,
-                        reliability_png: str | Path | None = None, device: str = "cpu",
+                        out_dir: str | Path | None = None, device: str = "cpu",
                         loss: str = "softmax", patch: int | None = None) -> dict[str, Any]:
-    """top1 / top5, per-class accuracy, ECE (15 bins), images/s; optionally the reliability
-    diagram PNG."""
+    """top1 / top5, per-class accuracy, ECE (15 bins), images/s. With `out_dir`: the metrics as
+    `eval-<data>-<split>-<img>px.json` and the reliability diagram beside it as `.png`."""
     metrics = evaluate_model(load_model(checkpoint, img_size, patch), source, split, batch_size,
                              device, loss)
     metrics = {"checkpoint": str(checkpoint), **metrics}
-    if reliability_png:
-        reliability_diagram(metrics["reliability"], reliability_png,
+    if out_dir is not None:
+        stem = Path(out_dir) / f"eval-{_slug(source)}-{metrics['split']}-{metrics['img_size']}px"
+        png, doc = stem.with_suffix(".png"), stem.with_suffix(".json")
+        reliability_diagram(metrics["reliability"], png,
                             f"{Path(str(checkpoint)).name} on {source} ({metrics['split']}): "
                             f"ECE {metrics['ece']:.3f}")
-        metrics["reliability_png"] = str(reliability_png)
+        metrics.update(reliability_png=str(png), json=str(doc))
+        atomic_write_text(doc, json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
@@ -173,87 +197,6 @@ def linear_probe_checkpoint(checkpoint: str | Path, source: str, wds: Sequence[f
     test = split_features(model, data, test_split(data), cache, device)
     return linear_probe(feats["train"].pooled, feats["train"].labels, feats["minival"].pooled,
                         feats["minival"].labels, test.pooled, test.labels, data.num_classes, wds)
-
-
-# ---------------------------------------------------------------------------------- finetune
-# The ViT paper's fine-tuning recipe: a new zero-initialised head, SGD with momentum 0.9, no
-# weight decay, warmup then cosine, global-norm clipping at 1, Polyak averaging, no Mixup.
-FINETUNE_DEFAULTS = [
-    "model.reset_head=true", "model.overrides.head_zero_init=true",
-    "data.augment=none", "data.crop_scale_min=0.08",
-    "optim.name=sgd", "optim.lr=0.01", "optim.momentum=0.9", "optim.weight_decay=0.0",
-    "optim.grad_clip=1.0", "schedule.decay=cosine", "schedule.warmup_fraction=0.05",
-    "loss=softmax", "ema_decay=0.999", "epochs=10",
-]
-
-
-def finetune_config(checkpoint: str | Path, source: str, img_size: int | None = None,
-                    config: str | Path | None = None, overrides: Sequence[str] = (),
-                    keep_head: bool = False, patch: int | None = None) -> TrainConfig:
-    """The TrainConfig of a fine-tuning run: FINETUNE_DEFAULTS, then the YAML `config`, then
-    `overrides` (later wins). `patch` changes the patch size (kernel PI-resized), e.g. to keep
-    the token grid at a higher resolution."""
-    ckpt = resolve_checkpoint(checkpoint)
-    if img_size is None:
-        img_size = square_size(load_model(ckpt))
-    base = load_config(None, FINETUNE_DEFAULTS)
-    if config is not None:
-        base = load_config(config, [], base=base)
-    fixed = [f"model.init={ckpt}", f"data.source={source}", f"data.img_size={img_size}"]
-    if keep_head:
-        fixed += ["model.reset_head=false"]
-    if patch:
-        fixed += [f"model.overrides.patch={patch}"]
-    if not any(o.startswith("out_dir=") for o in overrides):
-        fixed += [f"out_dir=runs/finetune-{Path(ckpt).parent.name or 'model'}-{img_size}px"]
-    return load_config(None, [*fixed, *overrides], base=base)
-
-
-def finetune(checkpoint: str | Path, source: str, img_size: int | None = None,
-             config: str | Path | None = None, overrides: Sequence[str] = (),
-             keep_head: bool = False, patch: int | None = None):
-    """Fine-tune `checkpoint` on `source` at `img_size`; a run directory like `vitscale train`."""
-    from vitscale.train import run
-
-    return run(finetune_config(checkpoint, source, img_size, config, overrides, keep_head, patch))
-
-
-def finetune_sweep(checkpoint: str | Path, source: str, lrs: Sequence[float],
-                   img_size: int | None = None, config: str | Path | None = None,
-                   overrides: Sequence[str] = (), keep_head: bool = False,
-                   patch: int | None = None) -> tuple[Any, list[dict[str, Any]]]:
-    """Fine-tune once per learning rate, each in OUT/lr-<lr>, and keep the run whose last weights
-    score best on `source`'s minival: how the ViT paper picks its fine-tuning learning rate
-    (ties: the first given). Returns that run and one row per rate; OUT/sweep.json records them."""
-    from vitscale.train import run
-    from vitscale.utils.io import atomic_write_text
-
-    if not lrs:
-        raise DataError("--lr: give at least one learning rate")
-    no_minival = DataError(f"data.source={source} leaves no minival slice to choose the learning "
-                           "rate on; set data.minival_fraction > 0 or give one --lr")
-    base = finetune_config(checkpoint, source, img_size, config, overrides, keep_head, patch)
-    if base.data.minival_fraction <= 0:
-        raise no_minival
-    rows, best = [], None
-    for lr in lrs:
-        cfg = finetune_config(checkpoint, source, img_size, config,
-                              [*overrides, f"optim.lr={lr}", f"out_dir={base.out_dir}/lr-{lr:g}"],
-                              keep_head, patch)
-        result = run(cfg)
-        score = result.metrics.get("last/minival/accuracy")  # the run's own minival, last weights
-        if score is None:
-            raise no_minival
-        rows.append({"lr": lr, "minival_accuracy": score, "run_dir": str(result.run_dir),
-                     "test_accuracy": result.metrics.get("test/accuracy")})
-        if best is None or score > rows[best[1]]["minival_accuracy"]:
-            best = (result, len(rows) - 1)
-    for i, row in enumerate(rows):
-        row["chosen"] = i == best[1]
-    if best[0].is_main:
-        doc = {"chosen_lr": rows[best[1]]["lr"], "runs": rows}
-        atomic_write_text(Path(base.out_dir) / "sweep.json", json.dumps(doc, indent=2))
-    return best[0], rows
 
 
 # ---------------------------------------------------------------------------------- select

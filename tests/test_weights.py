@@ -128,7 +128,8 @@ def test_wrong_shapes_and_heads_are_named(tmp_path):
 
     theirs = timm_model()
     wider = ours(width=128, mlp_dim=256)
-    with pytest.raises(CheckpointError, match=r"shapes differ: .*patch_embed.proj.weight \(64, 3, 8, 8\) vs model \(128, 3, 8, 8\)"):
+    with pytest.raises(CheckpointError, match=r"shapes differ: .*patch_embed.proj.weight "
+                       r"\(64, 3, 8, 8\) vs model \(128, 3, 8, 8\)"):
         load_state_dict_into(wider, theirs.state_dict(), wider.cfg)
     gap, token = ours(pool="gap"), ours()
     with pytest.raises(CheckpointError, match="missing cls_token.*check the model name"):

@@ -52,7 +52,7 @@ def hand_layers(arch: str, num_classes: int = 1000) -> dict[str, tuple[int, ...]
     k1 = stages[0][0]
     shapes = {"tokenizer.proj.weight": (widths[0], 3, k1, k1), "tokenizer.proj.bias": (widths[0],),
               "tokenizer.norm.weight": (widths[0],), "tokenizer.norm.bias": (widths[0],)}
-    for i, (kernel, _split, expansion, depth) in enumerate(stages):
+    for i, (_kernel, _split, expansion, depth) in enumerate(stages):
         d, hidden = widths[i], expansion * widths[i]
         for j in range(depth):
             pre = f"stages.{i}.{j}."

@@ -6,11 +6,13 @@ import json
 
 import pytest
 
+from test_search import reference_kappa
 from vitscale.cli import main
 from vitscale.config import load_config
 from vitscale.errors import ConfigError
-from vitscale.models.asvit import asvit_config, asvit_counts
+from vitscale.models.asvit import AsViTConfig, asvit_config, asvit_counts
 from vitscale.search.autoscale import (
+    CAP_FACTOR,
     ScaleSettings,
     autoscale,
     candidates,
@@ -18,6 +20,7 @@ from vitscale.search.autoscale import (
     parse_sizes,
     width_step,
 )
+from vitscale.search.reinforce import SearchSettings, ntk_batch
 
 
 def test_parse_sizes_and_width_steps():
@@ -56,7 +59,17 @@ def test_autoscale_grows_to_targets_and_writes_configs(tmp_path):
     assert rows[0]["depths"] == [1, 1, 1, 1] and rows[0]["width"] == 32
     for prev, row in zip(rows, rows[1:]):
         assert sum(row["depths"]) == sum(prev["depths"]) + 1 and row["width"] > prev["width"]
-        assert row["kappa"] >= 1 and row["length"] > 0
+        assert row["length"] > 0
+    # Step 1's kappa, recomputed by test_search's independent reference: candidate j of step s
+    # is measured at a quarter of its width (a multiple of heads / 8) with torch seed
+    # 1,000 * (100 * s + j), on the 4-image batch.
+    first = AsViTConfig.from_arch(rows[1]["arch"])
+    start = asvit_config("asvit-seed").replace(num_classes=1000)
+    j = [c.arch() for c in candidates(start, 4e6 * CAP_FACTOR, settings)].index(first.arch())
+    proxy = first.replace(width=max(4, round(first.width / 4 / 4) * 4)).arch()
+    images = ntk_batch(SearchSettings(img_size=32, width=8, batch=4))
+    expected = reference_kappa(proxy, images, 1_000 * (100 + j), num_classes=1000)
+    assert rows[1]["kappa"] == pytest.approx(expected, rel=1e-4)
     assert rows[-1]["params"] >= 4e6 and rows[-2]["params"] < 4e6
     for label in ("3M", "4M"):
         cfg = load_config(tmp_path / f"asvit-{label}.yaml")

@@ -10,9 +10,38 @@ import pytest
 from vitscale.cli import main
 from vitscale.config import load_config
 from vitscale.errors import ConfigError
-from vitscale.search.reinforce import Policy, SearchSettings, normalised_change, run_search
+from vitscale.search.reinforce import (
+    Policy,
+    SearchSettings,
+    normalised_change,
+    ntk_batch,
+    run_search,
+)
 
 TINY = dict(img_size=32, width=8, batch=4, repeats=1, n_theta=4)
+
+
+def reference_kappa(arch: str, images, torch_seed: int, num_classes: int) -> float:
+    """kappa by another code path: one autograd backward per image of sum(pooled pre-norm
+    features) with respect to every parameter named "weight", the Gram matrix built explicitly,
+    numpy's eigvalsh, lambda_max / lambda_min."""
+    import numpy as np
+    import torch
+
+    from vitscale.models.asvit import AsViTConfig, create_asvit
+
+    torch.manual_seed(torch_seed)
+    model = create_asvit(AsViTConfig.from_arch(arch, num_classes=num_classes)).train()
+    weights = [p for n, p in model.named_parameters() if "weight" in n]
+    rows = []
+    for x in images:
+        grads = torch.autograd.grad(model.forward_prenorm_pooled(x[None]).sum(), weights,
+                                    allow_unused=True)  # the final norm and head get none
+        rows.append(np.concatenate([np.zeros(w.numel()) if g is None else g.double().numpy().ravel()
+                                    for g, w in zip(grads, weights)]))
+    g = np.stack(rows)
+    eig = np.linalg.eigvalsh(g @ g.T)
+    return float(eig[-1] / eig[0])
 
 
 def test_policy_starts_uniform_with_the_papers_entropy():
@@ -38,7 +67,13 @@ def test_search_resumes_exactly_and_writes_a_trainable_topology(tmp_path):
     assert resumed.topology == full.topology
     entropies = [t["entropy"] for t in full.trajectory]
     assert entropies[0] < math.log(4_556_250) + 1e-3 and len(set(entropies)) > 1
-    assert all(math.isfinite(t["kappa"]) and t["kappa"] >= 1 and t["length"] > 0 for t in strip)
+    # Step t measures with seed 100,003 * seed + t; its repeat r initialises with 1,000 * that + r.
+    images = ntk_batch(SearchSettings(**TINY))
+    for t in (strip[0], strip[3]):
+        expected = reference_kappa(t["arch"], images, 1_000 * t["step"], num_classes=10)
+        assert t["kappa"] == pytest.approx(expected, rel=1e-4)
+    assert strip[0]["kappa"] != pytest.approx(strip[3]["kappa"], rel=1e-3)
+    assert all(t["length"] > 0 for t in strip)
     assert (tmp_path / "full" / "search.png").read_bytes()[:4] == b"\x89PNG"
     cfg = load_config(tmp_path / "full" / "topology.yaml", ["data.img_size=32"])
     assert cfg.model.name == f"asvit:{full.topology.arch()}"

@@ -64,28 +64,38 @@ def circle(n_pixels: int, n_theta: int, gen: torch.Generator, radius: float,
     return points, tangents
 
 
+def init_seed(seed: int, rep: int) -> int:
+    """The torch seed of repeat `rep` of a measure called with `seed`."""
+    return seed * 1_000 + rep
+
+
+def curve_speeds(build: Callable[[], nn.Module], img_size: int | tuple[int, int],
+                 in_chans: int = 3, n_theta: int = 10, seed: int = 0, radius: str = "paper",
+                 include_endpoint: bool = False, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """||d f(h(theta)) / d theta|| at each of the `n_theta` points (float64), for the one
+    initialisation and circle drawn from `seed`; L^E of that initialisation is their sum."""
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    n = in_chans * h * w
+    if radius not in ("paper", "code"):
+        raise ValueError(f"radius must be 'paper' (sqrt(N)) or 'code' (1), got {radius!r}")
+    r = math.sqrt(n) if radius == "paper" else 1.0
+    torch.manual_seed(seed)
+    model = without_layernorm(build()).to(dtype).train()
+    points, tangents = circle(n, n_theta, torch.Generator().manual_seed(seed), r, include_endpoint)
+    shape = (n_theta, in_chans, h, w)
+    with sdpa_kernel(_MATH):
+        _, velocity = jvp(_features(model), (points.to(dtype).reshape(shape),),
+                          (tangents.to(dtype).reshape(shape),))
+    return velocity.detach().double().norm(dim=1)
+
+
 def curve_length(build: Callable[[], nn.Module], img_size: int | tuple[int, int],
                  in_chans: int = 3, n_theta: int = 10, repeats: int = 3, seed: int = 0,
                  radius: str = "paper", include_endpoint: bool = False,
                  dtype: torch.dtype = torch.float32) -> float:
     """L^E of the architecture `build()` makes (mean over `repeats`)."""
-    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
-    n = in_chans * h * w
-    r = math.sqrt(n) if radius == "paper" else 1.0
-    if radius not in ("paper", "code"):
-        raise ValueError(f"radius must be 'paper' (sqrt(N)) or 'code' (1), got {radius!r}")
-    lengths = []
-    for rep in range(repeats):
-        torch.manual_seed(seed * 1_000 + rep)
-        model = without_layernorm(build()).to(dtype).train()
-        gen = torch.Generator().manual_seed(seed * 1_000 + rep)
-        points, tangents = circle(n, n_theta, gen, r, include_endpoint)
-        shape = (n_theta, in_chans, h, w)
-        f = _features(model)
-        with sdpa_kernel(_MATH):
-            _, velocity = jvp(f, (points.to(dtype).reshape(shape),),
-                              (tangents.to(dtype).reshape(shape),))
-        lengths.append(float(velocity.detach().double().norm(dim=1).sum()))
+    lengths = [float(curve_speeds(build, img_size, in_chans, n_theta, init_seed(seed, rep), radius,
+                                  include_endpoint, dtype).sum()) for rep in range(repeats)]
     return sum(lengths) / len(lengths)
 
 
@@ -136,9 +146,14 @@ def condition_number(gram: torch.Tensor, rel_eps: float = 1e-12) -> float:
 def ntk_condition_number(build: Callable[[], nn.Module], images: torch.Tensor,
                          repeats: int = 3, seed: int = 0, only_weights: bool = True) -> float:
     """kappa of the architecture `build()` makes on `images` (mean over `repeats`)."""
-    kappas = []
-    for rep in range(repeats):
-        torch.manual_seed(seed * 1_000 + rep)
-        model = build().train()
-        kappas.append(condition_number(ntk_gram(model, images, only_weights)))
+    kappas = [condition_number(init_gram(build, images, init_seed(seed, rep), only_weights))
+              for rep in range(repeats)]
     return sum(kappas) / len(kappas)
+
+
+def init_gram(build: Callable[[], nn.Module], images: torch.Tensor, seed: int,
+              only_weights: bool = True) -> torch.Tensor:
+    """The NTK Gram matrix of the one initialisation drawn from `seed` (train mode). Its
+    leading b x b block is the Gram matrix of the first b images."""
+    torch.manual_seed(seed)
+    return ntk_gram(build().train(), images, only_weights)

@@ -284,9 +284,23 @@ def test_adapt_state_dict_moves_between_cls_row_layouts():
     assert back["pos_embed"].shape == (1, 17, 192) and back["pos_embed"][0, 0].abs().sum() == 0
 
 
-def test_dynamic_img_size_resamples_on_the_fly():
+@pytest.mark.parametrize("size", [(48, 48), (24, 40)])
+def test_dynamic_img_size_resamples_on_the_fly(size):
+    # The on-the-fly path must give what rebuilding the model at that size (posemb resampled by
+    # load_state_dict_into, the load path) gives; a zero-free posemb so the resampling shows.
+    torch.manual_seed(0)
     model = tiny(dynamic_img_size=True)
-    assert model(torch.randn(1, 3, 48, 48)).shape == (1, 10)
+    with torch.no_grad():
+        model.pos_embed.normal_(std=0.5)
+    x = torch.randn(2, 3, *size)
+    rebuilt = tiny(img_size=size)
+    load_state_dict_into(rebuilt, model.state_dict(), model.cfg)
+    with torch.no_grad():
+        out = model(x)
+        torch.testing.assert_close(out, rebuilt(x), rtol=0, atol=1e-5)
+        # ... and not what a wrong table would give: rows shuffled change the logits.
+        rebuilt.pos_embed.copy_(rebuilt.pos_embed[:, torch.randperm(rebuilt.pos_embed.shape[1])])
+        assert (out - rebuilt(x)).abs().max() > 1e-2
     with pytest.raises(ConfigError, match="patch grid"):
         tiny()(torch.randn(1, 3, 48, 48))
 

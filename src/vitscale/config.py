@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -114,6 +114,10 @@ class ModelSection:
             raise ConfigError(f"model.overrides: {exc}") from None
 
 
+# The AugReg presets by name (their numbers: vitscale.data.transforms.AUGREG_PRESETS).
+AugRegPreset = Literal["none", "light1", "light2", "medium1", "medium2", "strong1", "strong2"]
+
+
 @dataclass
 class DataConfig:
     source: str = "digits"  # digits | imagefolder:PATH | webdataset:PATTERN | hf:NAME | torchvision:NAME
@@ -123,7 +127,7 @@ class DataConfig:
     eval_batch_size: int = setting(256, ge=1)
     num_workers: int = setting(0, ge=0)
     minival_fraction: float = setting(0.1, ge=0, lt=1)  # held out of train for model selection
-    augment: str = "light1"  # AugReg preset: none light1 light2 medium1 medium2 strong1 strong2
+    augment: AugRegPreset = "light1"  # data.transforms.AUGREG_PRESETS gives each one's numbers
     randaug_layers: int | None = setting(None, ge=0)  # None: from the preset
     randaug_magnitude: int | None = setting(None, ge=0)
     mixup_alpha: float | None = setting(None, ge=0)
@@ -135,7 +139,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | adam_bf16 | adafactor_bv | sgd
+    name: Literal["adamw", "adam_bf16", "adafactor_bv", "sgd"] = "adamw"
     lr: float = setting(1e-3, gt=0)
     weight_decay: float = setting(1e-4, ge=0)
     head_weight_decay: float | None = setting(None, ge=0)  # decoupled head decay (Scaling ViT); None: as body
@@ -150,7 +154,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    decay: str = "cosine"  # cosine | linear | rsqrt | constant
+    decay: Literal["cosine", "linear", "rsqrt", "constant"] = "cosine"
     warmup_steps: int = setting(0, ge=0)
     warmup_fraction: float = setting(0.0, ge=0, le=1)  # instead of warmup_steps: a fraction of all steps
     cooldown_steps: int = setting(0, ge=0)  # linear cooldown to 0 at the end (rsqrt schedule)
@@ -185,13 +189,13 @@ class TrainConfig:
     seed: int = setting(0, ge=0)
     epochs: float = 10.0  # > 0 unless steps is set
     steps: int | None = setting(None, ge=1)  # overrides epochs when set
-    loss: str = "softmax"  # softmax | sigmoid
+    loss: Literal["softmax", "sigmoid"] = "softmax"
     label_smoothing: float = setting(0.0, ge=0, lt=1)
     accum_steps: int = setting(1, ge=1)
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast
     ema_decay: float | None = setting(None, gt=0, lt=1)  # Polyak / EMA of weights, evaluated beside the raw
     ema_warmup: bool = True  # decay min(ema_decay, (1+step)/(10+step)): no lag in short runs
-    on_nonfinite: str = "stop"  # stop | skip
+    on_nonfinite: Literal["stop", "skip"] = "stop"
     # With on_nonfinite=skip: stop (one line) once more than this fraction of all steps is skipped.
     max_skipped_fraction: float = setting(0.1, ge=0, le=1)
     # Progressive re-tokenization (As-ViT models): [[start fraction of training, stride,
@@ -202,7 +206,7 @@ class TrainConfig:
     ckpt_every: int | None = setting(None, ge=1)  # steps; None: once per epoch
     keep_checkpoints: int = setting(2, ge=1)
     out_dir: str = "runs/default"
-    device: str = "auto"  # auto | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     # Bitwise-reproducible CUDA runs (resume included): deterministic kernels and cuBLAS
     # workspace, at some speed. CPU runs are reproducible without it.
     deterministic: bool = False
@@ -236,6 +240,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return _build(tp, value, key)
     if tp is Any:
+        return value
+    if origin is Literal:  # a choice: the valid values are the annotation's
+        valid = typing.get_args(tp)
+        if value not in valid:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of "
+                              f"{', '.join(map(str, valid))}")
         return value
     if origin is dict:
         if not isinstance(value, dict):
@@ -364,25 +374,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def validate_TrainConfig(cfg: TrainConfig) -> None:  # noqa: N802 - looked up by class name
-    from vitscale.data.transforms import AUGREG_PRESETS
-    from vitscale.optim import OPTIMIZERS
-    from vitscale.optim.schedules import DECAYS
-
-    check_ranges(cfg)
+    check_ranges(cfg)  # choices (Literal fields) were checked as the values were read
     world = int(os.environ.get("WORLD_SIZE", 1))  # processes of a torchrun data-parallel run
-    choices = [
-        ("loss", ("softmax", "sigmoid")),
-        ("precision", ("fp32", "bf16")),
-        ("on_nonfinite", ("stop", "skip")),
-        ("device", ("auto", "cpu", "cuda")),
-        ("optim.name", OPTIMIZERS),
-        ("schedule.decay", DECAYS),
-        ("data.augment", tuple(AUGREG_PRESETS)),
-    ]
-    for key, valid in choices:
-        if _get(cfg, key) not in valid:
-            raise ConfigError(f"{key}={_get(cfg, key)!r} is not valid; choose one of "
-                              f"{', '.join(valid)}")
     checks = [
         (cfg.epochs > 0 or (cfg.steps or 0) > 0, "epochs", "must be positive (or set steps)"),
         (cfg.data.batch_size % (cfg.accum_steps * world) == 0, "data.batch_size",

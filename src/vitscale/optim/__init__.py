@@ -8,8 +8,8 @@ import torch.nn as nn
 
 from vitscale.config import OptimConfig
 from vitscale.errors import ConfigError
-from vitscale.optim.groups import param_groups
-from vitscale.optim.optimizers import AdafactorBV, AdamBF16, factored_dims, state_bytes
+from vitscale.optim.groups import factor_views, param_groups
+from vitscale.optim.optimizers import AdafactorBV, AdamBF16, factor_view, factored_dims, state_bytes
 from vitscale.optim.schedules import apply_lr, schedule_value
 
 OPTIMIZERS = ("adamw", "adam_bf16", "adafactor_bv", "sgd")
@@ -20,10 +20,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
 
     adamw: torch.optim.AdamW(betas, eps). adam_bf16: `AdamBF16`, the same with a bf16 first
     moment. adafactor_bv: `AdafactorBV` with momentum=cfg.momentum and beta2_cap=cfg.betas[1]
-    (0.9 and 0.999 by default, big_vision's values); its eps stays 1e-30 (cfg.eps is Adam's).
-    sgd: torch.optim.SGD with momentum=cfg.momentum, no Nesterov; its weight decay is torch's
-    L2 term added to the gradient, not decoupled. The weight decay of every other optimizer is
-    decoupled and multiplied by the lr (AdamW convention); see `AdafactorBV` for big_vision's.
+    (0.9 and 0.999 by default, big_vision's values), its eps stays 1e-30 (cfg.eps is Adam's),
+    and the attention kernels factored in big_vision's per-head layout (`factor_views`).
+    sgd: torch.optim.SGD with momentum=cfg.momentum, no Nesterov.
+
+    Weight decay: adamw and adam_bf16 decay theta by lr * wd with the group's lr (lr_mult
+    included, torch AdamW); adafactor_bv by scheduled_lr * wd, the lr before lr_mult
+    (big_vision); sgd adds torch's L2 term wd * theta to the gradient (not decoupled).
     """
     if cfg.name not in OPTIMIZERS:
         raise ConfigError(f"optim.name={cfg.name!r} is not an optimizer; choose one of "
@@ -38,6 +41,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         return AdamBF16(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                         weight_decay=cfg.weight_decay)
     if cfg.name == "adafactor_bv":
+        views = factor_views(model)
+        for group in groups:
+            group["factor_views"] = [views.get(name) for name in group["param_names"]]
         return AdafactorBV(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
                            momentum=cfg.momentum, beta2_cap=cfg.betas[1])
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False,
@@ -50,6 +56,8 @@ __all__ = [
     "AdamBF16",
     "apply_lr",
     "build_optimizer",
+    "factor_view",
+    "factor_views",
     "factored_dims",
     "param_groups",
     "schedule_value",

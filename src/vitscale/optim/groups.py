@@ -1,4 +1,5 @@
-"""Parameter groups: decoupled head / body weight decay, no decay off the kernels, lr multipliers."""
+"""Parameter groups: decoupled head / body weight decay, no decay off the kernels, lr multipliers,
+and big_vision's layout of the attention kernels for Adafactor's factoring."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import torch.nn as nn
 
 from vitscale.config import OptimConfig
 from vitscale.errors import ConfigError
+from vitscale.models.asvit import WindowAttention
+from vitscale.models.layers import Attention, MAPHead
+from vitscale.optim.optimizers import factor_view
 
 
 def is_head_kernel(name: str) -> bool:
@@ -42,8 +46,9 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     `head.weight`, 0 elsewhere unless cfg.decay_norms_and_biases (then the body value, and the
     head value still on the head kernel). lr multipliers: the first regex of cfg.lr_mults that
     `re.search`es the parameter name wins, else 1. Each group carries `name`, `weight_decay`,
-    `lr_mult` and `lr = cfg.lr * lr_mult` (the scheduler rewrites lr from lr_mult every step).
-    Frozen parameters are left out.
+    `lr_mult`, `lr = cfg.lr * lr_mult` and `scheduled_lr = cfg.lr` (the lr before lr_mult, which
+    adafactor_bv multiplies its decay by); `apply_lr` rewrites both every step. Frozen parameters
+    are left out.
     """
     mults = _compile_lr_mults(cfg.lr_mults)
     head_wd = cfg.weight_decay if cfg.head_weight_decay is None else cfg.head_weight_decay
@@ -62,7 +67,42 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
         if key not in groups:
             label = kind if mult == 1.0 else f"{kind}/lr_mult={mult:g}"
             groups[key] = {"name": label, "params": [], "param_names": [], "weight_decay": wd,
-                           "lr_mult": mult, "lr": cfg.lr * mult}
+                           "lr_mult": mult, "lr": cfg.lr * mult, "scheduled_lr": cfg.lr}
         groups[key]["params"].append(p)
         groups[key]["param_names"].append(name)
     return list(groups.values())
+
+
+def factor_views(model: nn.Module) -> dict[str, dict]:
+    """big_vision's layout of each attention tensor of `model` (parameter name -> `factor_view`),
+    so that `AdafactorBV` factors them as big_vision's Adafactor factors its ViT.
+
+    vitscale fuses q, k, v into one Linear `qkv` (3 * heads * head_dim, D); big_vision keeps
+    separate query / key / value kernels (D, heads, head_dim) with (heads, head_dim) biases, and an
+    out kernel (heads, head_dim, D) where vitscale has `proj` (D, D). Optax factors each kernel
+    over its two largest axes, so its row and column statistics are per head (and per q / k / v).
+    The MAP head's q, kv and proj map the same way. As-ViT's window attention has no big_vision
+    counterpart, but it is the same multi-head layout, so it gets the same per-head kernels.
+    """
+    views: dict[str, dict] = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, (Attention, WindowAttention)):
+            fused = {"qkv": 3}
+        elif isinstance(module, MAPHead):
+            fused = {"q": 1, "kv": 2}
+        else:
+            continue
+        pre, heads = f"{prefix}." if prefix else "", module.heads
+        for child, n in fused.items():
+            linear = getattr(module, child)
+            head_dim = linear.out_features // (n * heads)
+            # (n * H * hd, D) -> (n, H, hd, D) -> n kernels (D, H, hd).
+            views[f"{pre}{child}.weight"] = factor_view((n, heads, head_dim, linear.in_features),
+                                                        (0, 3, 1, 2), stacked=1)
+            if linear.bias is not None:
+                views[f"{pre}{child}.bias"] = factor_view((n, heads, head_dim), (0, 1, 2), stacked=1)
+        proj = module.proj
+        # (D, H * hd) -> (D, H, hd) -> the out kernel (H, hd, D); its bias (D,) is as it is.
+        views[f"{pre}proj.weight"] = factor_view((proj.out_features, heads, proj.in_features // heads),
+                                                 (1, 2, 0))
+    return views

@@ -62,9 +62,11 @@ def schedule_value(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
 
 def apply_lr(optimizer: Optimizer, step: int, total_steps: int, base_lr: float,
              cfg: ScheduleConfig) -> float:
-    """Set every group's lr to base_lr * schedule_value * group['lr_mult'] (1 when absent);
-    returns the lr of a group with lr_mult 1."""
+    """Set every group's lr to base_lr * schedule_value * group['lr_mult'] (1 when absent) and its
+    `scheduled_lr` to the same without lr_mult (adafactor_bv's weight decay, as big_vision's, is
+    not multiplied by lr_mult); returns the lr of a group with lr_mult 1."""
     lr = base_lr * schedule_value(step, total_steps, cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)
+        group["scheduled_lr"] = lr
     return lr

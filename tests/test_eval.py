@@ -147,11 +147,12 @@ TINY = ["model.name=Ti/2", "model.overrides.width=64", "model.overrides.depth=2"
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A small ViT trained on digits at 16 px (learned posemb, GAP), and its accuracy."""
+    """A small ViT trained on digits at 16 px (learned posemb, GAP), and its accuracy. Batch 32
+    (0.74 test accuracy, 0.80 with 64 at 1.7x the time) is enough for every claim below."""
     out = tmp_path_factory.mktemp("run")
     result = run(load_config(DEMO, [*TINY, "model.overrides.posemb=learn",
-                                                   "model.overrides.pool=gap",
-                                                   "data.crop_scale_min=0.3", f"out_dir={out}"]))
+                                    "model.overrides.pool=gap", "data.batch_size=32",
+                                    "data.crop_scale_min=0.3", f"out_dir={out}"]))
     return out, result.metrics["test/accuracy"]
 
 
@@ -230,7 +231,7 @@ def test_finetune_at_higher_resolution(trained, tmp_path, capsys):
     out = tmp_path / "ft"
     assert main(["finetune", str(run_dir), "--data", "digits", "--img-size", "24", "--keep-head",
                  "steps=100", "progress=false", "optim.lr=0.01", "data.crop_scale_min=1.0",
-                 f"out_dir={out}"]) == 0
+                 "data.batch_size=32", f"out_dir={out}"]) == 0
     cfg = load_config(out / "config.yaml")
     assert cfg.optim.name == "sgd" and cfg.optim.weight_decay == 0.0 and cfg.ema_decay == 0.999
     after = evaluate_checkpoint(out, "digits")["top1"]

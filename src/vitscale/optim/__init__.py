@@ -3,6 +3,8 @@ decoupled head / body weight decay, and big_vision learning-rate schedules."""
 
 from __future__ import annotations
 
+import typing
+
 import torch
 import torch.nn as nn
 
@@ -12,7 +14,8 @@ from vitscale.optim.groups import factor_views, param_groups
 from vitscale.optim.optimizers import AdafactorBV, AdamBF16, factor_view, factored_dims, state_bytes
 from vitscale.optim.schedules import apply_lr, schedule_value
 
-OPTIMIZERS = ("adamw", "adam_bf16", "adafactor_bv", "sgd")
+# The names optim.name accepts: declared once, on the config field.
+OPTIMIZERS: tuple[str, ...] = typing.get_args(typing.get_type_hints(OptimConfig)["name"])
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -4,13 +4,15 @@ that resuming at any step gives the same lr."""
 from __future__ import annotations
 
 import math
+import typing
 
 from torch.optim import Optimizer
 
 from vitscale.config import ScheduleConfig
 from vitscale.errors import ConfigError
 
-DECAYS = ("cosine", "linear", "rsqrt", "constant")
+# The names schedule.decay accepts: declared once, on the config field.
+DECAYS: tuple[str, ...] = typing.get_args(typing.get_type_hints(ScheduleConfig)["decay"])
 
 
 def warmup_steps(total_steps: int, cfg: ScheduleConfig) -> int:

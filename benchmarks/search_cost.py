@@ -4,8 +4,8 @@
     python benchmarks/search_cost.py --steps 100 --targets 30M,50M,90M --out runs/search-cost
 
 1. Wall time of L^E and of the NTK condition number for one candidate (the seed topology, one
-   block per stage, C = 32; 3 initialisations each; NTK on 16 images; 10 points on the circle)
-   at several image sizes.
+   block per stage, C = 32; --repeats initialisations each, NTK on --batch images, --n-theta
+   points on the circle: by default those of `vitscale search`) at several image sizes.
 2. With --steps: a whole `vitscale search` of that many steps, then `vitscale autoscale` of its
    topology to --targets, both timed (the paper: about 12 V100 GPU-hours end to end, 500
    search steps at 224 px).
@@ -25,22 +25,23 @@ from vitscale.search.complexity import curve_length, ntk_condition_number
 from vitscale.search.reinforce import SearchSettings, run_search
 
 
-def per_candidate(img_sizes: list[int], repeats: int = 3) -> None:
+def per_candidate(img_sizes: list[int], settings: SearchSettings) -> None:
     cfg = AsViTConfig.from_arch(SEED)
-    print(f"one candidate: {cfg.arch()}, {repeats} initialisations per measure, "
-          f"{torch.get_num_threads()} threads\n")
-    print("| img | L^E s (10 points) | kappa s (16 images) |")
+    r, b, n = settings.repeats, settings.batch, settings.n_theta
+    print(f"one candidate: {cfg.arch()}, {r} initialisations per measure, kappa on {b} images, "
+          f"L^E on {n} points; {torch.get_num_threads()} threads\n")
+    print(f"| img | L^E s ({n} points) | kappa s ({b} images) |")
     print("|---:|---:|---:|")
     for img in img_sizes:
-        images = torch.randn(16, 3, img, img, generator=torch.Generator().manual_seed(0))
+        images = torch.randn(b, 3, img, img, generator=torch.Generator().manual_seed(0))
         build = lambda: create_asvit(cfg)  # noqa: E731
-        curve_length(build, img, repeats=1)  # warm-up (first calls trace and allocate)
+        curve_length(build, img, n_theta=n, repeats=1)  # warm-up (first calls trace and allocate)
         ntk_condition_number(build, images, repeats=1)
         start = time.perf_counter()
-        curve_length(build, img, repeats=repeats)
+        curve_length(build, img, n_theta=n, repeats=r)
         t_len = time.perf_counter() - start
         start = time.perf_counter()
-        ntk_condition_number(build, images, repeats=repeats)
+        ntk_condition_number(build, images, repeats=r)
         t_ntk = time.perf_counter() - start
         print(f"| {img} | {t_len:.2f} | {t_ntk:.2f} |", flush=True)
 
@@ -51,14 +52,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="also run a search of this many steps")
     parser.add_argument("--search-img-size", type=int, default=32)
     parser.add_argument("--targets", default="30M,50M,90M")
+    defaults = SearchSettings()
+    parser.add_argument("--repeats", type=int, default=defaults.repeats)
+    parser.add_argument("--batch", type=int, default=defaults.batch)
+    parser.add_argument("--n-theta", type=int, default=defaults.n_theta)
     parser.add_argument("--out", default="runs/search-cost")
     args = parser.parse_args()
-    per_candidate(args.img_sizes)
+    measures = dict(repeats=args.repeats, batch=args.batch, n_theta=args.n_theta)
+    per_candidate(args.img_sizes, SearchSettings(**measures))
     if not args.steps:
         return
     out = Path(args.out)
     start = time.perf_counter()
-    result = run_search(SearchSettings(steps=args.steps, img_size=args.search_img_size),
+    result = run_search(SearchSettings(steps=args.steps, img_size=args.search_img_size, **measures),
                         out / "search", log=lambda _: None)
     t_search = time.perf_counter() - start
     last = result.trajectory[-1]
@@ -67,7 +73,7 @@ def main() -> None:
           f"{result.topology.arch()}")
     start = time.perf_counter()
     scaled = autoscale(result.topology, ScaleSettings(targets=parse_sizes(args.targets),
-                                                      img_size=args.search_img_size),
+                                                      img_size=args.search_img_size, **measures),
                        out / "scale", log=lambda _: None)
     t_scale = time.perf_counter() - start
     print(f"autoscale: {len(scaled.trajectory) - 1} steps to {args.targets} in {t_scale:.0f} s")

@@ -416,8 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--img-size", type=int, default=64, help="candidate resolution (paper: 224)")
     p.add_argument("--width", type=int, default=32, help="candidate width C (one block a stage)")
-    p.add_argument("--batch", type=int, default=16, help="images for the NTK")
-    p.add_argument("--repeats", type=int, default=3, help="initialisations per measure")
+    p.add_argument("--batch", type=int, default=8, help="images for the NTK (default 8; paper 16)")
+    p.add_argument("--repeats", type=int, default=16,
+                   help="initialisations averaged per measure (default 16; paper 3-5): fewer "
+                   "make kappa mostly initialisation noise, see docs/benchmarks.md")
     p.add_argument("--n-theta", type=int, default=10, help="points on the input circle")
     p.add_argument("--data", default="digits", help="source of the NTK batch")
     p.add_argument("--seed", type=int, default=0)
@@ -438,9 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure candidates at this fraction of their width (public code: 1/4)")
     p.add_argument("--img-size", type=int, default=32, help="resolution of the measures")
     p.add_argument("--count-img-size", type=int, default=224, help="resolution GFLOPs are counted at")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--n-theta", type=int, default=10)
+    p.add_argument("--batch", type=int, default=8, help="images for the NTK (default 8)")
+    p.add_argument("--repeats", type=int, default=16, help="initialisations per measure (default 16)")
+    p.add_argument("--n-theta", type=int, default=10, help="points on the input circle")
     p.add_argument("--data", default="digits")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--random", type=int, metavar="N",

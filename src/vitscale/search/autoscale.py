@@ -43,8 +43,8 @@ class ScaleSettings:
     proxy_ratio: float = 0.25  # proxy width / width for the measures (1: full width)
     img_size: int = 32  # resolution of the measures
     count_img_size: int = 224  # resolution GFLOPs are counted at
-    batch: int = 16
-    repeats: int = 3
+    batch: int = 8  # as SearchSettings: enough initialisations for a stable kappa ranking
+    repeats: int = 16
     n_theta: int = 10
     num_classes: int = 1000
     seed: int = 0

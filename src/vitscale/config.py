@@ -107,11 +107,8 @@ class ModelSection:
     def build_config(self, num_classes: int, img_size: int | tuple[int, int]) -> ModelConfig:
         from vitscale.models.registry import any_config
 
-        fields = {"num_classes": num_classes, "img_size": img_size, **self.overrides}
-        try:
-            return any_config(self.name, **fields)
-        except TypeError as exc:  # an As-ViT field that does not exist
-            raise ConfigError(f"model.overrides: {exc}") from None
+        # The overrides are this family's fields already (checked in __post_init__).
+        return any_config(self.name, num_classes=num_classes, img_size=img_size, **self.overrides)
 
 
 # The AugReg presets by name (their numbers: vitscale.data.transforms.AUGREG_PRESETS).

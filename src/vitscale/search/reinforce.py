@@ -41,7 +41,7 @@ BAD_REWARD = -2.0
 @dataclass
 class SearchSettings:
     steps: int = 500
-    img_size: int = 64  # the paper searched at 224; at 64 px 500 steps take about an hour on CPU
+    img_size: int = 64  # the paper searched at 224; a candidate's cost per size: docs/benchmarks.md
     width: int = 32  # C of the candidates, one block per stage
     # With the paper's 3 inits on 16 images two runs rank topologies by kappa alike only at
     # Kendall tau 0.6-0.7; 16 inits on 8 images reach 0.82-0.88 (docs/benchmarks.md, test-retest).

@@ -376,7 +376,7 @@ def test_two_process_data_parallel_equals_one_process(tmp_path):
     bad = subprocess.run(cmd[:-1] + ["data.batch_size=34", f"out_dir={tmp_path / 'bad'}"], env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0
-    assert "data.batch_size=34 must be divisible by accum_steps=2 x 2 processes" in bad.stderr
+    assert "data.batch_size=34 must be divisible by accum_steps=2 x 2 data-parallel processes" in bad.stderr
 
 
 def test_periodic_fewshot_evaluator(tmp_path):

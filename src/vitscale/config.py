@@ -176,6 +176,55 @@ class EvalsConfig:
     fewshot: FewshotEvalConfig = field(default_factory=FewshotEvalConfig)
 
 
+ParallelDtype = Literal["float32", "bfloat16"]
+
+
+@dataclass
+class ParallelConfig:
+    """How the processes of a torchrun run split the work (vitscale.parallel): a mesh of
+    dp_replicate x dp_shard x tp processes. dp_shard > 1 shards parameters, gradients and
+    optimizer state with FSDP2 (HSDP with dp_replicate > 1 too); tp > 1 splits every block's
+    heads and MLP across processes (tensor parallelism). With neither, the processes are
+    data-parallel replicas (DDP), as a plain torchrun run has always been."""
+
+    dp_shard: int = setting(1, ge=1)
+    tp: int = setting(1, ge=1)
+    dp_replicate: int | None = setting(None, ge=1)  # None: the world size / (dp_shard x tp)
+    # FSDP2's MixedPrecisionPolicy: the dtype of the gathered parameters in forward / backward
+    # and of the gradient reduction; the sharded fp32 weights and optimizer state stay fp32.
+    param_dtype: ParallelDtype = "float32"
+    reduce_dtype: ParallelDtype = "float32"
+    activation_checkpointing: str = "none"  # none | full | every:K (every K-th block)
+    compile: bool = False  # torch.compile each block (after TP and checkpointing, before FSDP)
+    sequence_parallel: bool = False  # with tp: norms / dropout on sequence shards
+
+    def layout(self, world_size: int) -> tuple[int, int, int]:
+        """(dp_replicate, dp_shard, tp) for `world_size` processes, or a one-line ConfigError."""
+        rest = max(world_size // (self.dp_shard * self.tp), 1)
+        replicate = self.dp_replicate if self.dp_replicate is not None else rest
+        if replicate * self.dp_shard * self.tp != world_size:
+            where = ("this process runs alone (no torchrun)" if world_size == 1 else
+                     f"torchrun started {world_size} processes")
+            raise ConfigError(
+                f"parallel.dp_replicate x dp_shard x tp = {replicate} x {self.dp_shard} x {self.tp} "
+                f"= {replicate * self.dp_shard * self.tp}, but {where}; make the product equal the "
+                "number of processes (torchrun --nproc_per_node N)")
+        return replicate, self.dp_shard, self.tp
+
+    def checkpoint_every(self) -> int:
+        """Every how many blocks activations are recomputed: 0 (none), 1 (full), K (every:K)."""
+        mode = self.activation_checkpointing
+        if mode == "none":
+            return 0
+        if mode == "full":
+            return 1
+        every = mode.removeprefix("every:")
+        if mode.startswith("every:") and every.isdigit() and int(every) >= 1:
+            return int(every)
+        raise ConfigError(f"parallel.activation_checkpointing={mode!r} is not valid; use none, full "
+                          "or every:K (e.g. every:2: every second block)")
+
+
 @dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
@@ -183,6 +232,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     evals: EvalsConfig = field(default_factory=EvalsConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = setting(0, ge=0)
     epochs: float = 10.0  # > 0 unless steps is set
     steps: int | None = setting(None, ge=1)  # overrides epochs when set
@@ -372,13 +422,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def validate_TrainConfig(cfg: TrainConfig) -> None:  # noqa: N802 - looked up by class name
     check_ranges(cfg)  # choices (Literal fields) were checked as the values were read
-    world = int(os.environ.get("WORLD_SIZE", 1))  # processes of a torchrun data-parallel run
+    world = int(os.environ.get("WORLD_SIZE", 1))  # processes of a torchrun run
+    replicate, shard, tp = cfg.parallel.layout(world)
+    replicas = replicate * shard  # data-parallel ranks: the processes of a TP group share examples
     checks = [
         (cfg.epochs > 0 or (cfg.steps or 0) > 0, "epochs", "must be positive (or set steps)"),
-        (cfg.data.batch_size % (cfg.accum_steps * world) == 0, "data.batch_size",
+        (cfg.data.batch_size % (cfg.accum_steps * replicas) == 0, "data.batch_size",
          f"must be divisible by accum_steps={cfg.accum_steps}"
-         + (f" x {world} processes" if world > 1 else "")),
+         + (f" x {replicas} data-parallel processes" if replicas > 1 else "")),
     ]
+    cfg.parallel.checkpoint_every()
+    sharded = shard > 1 or tp > 1
+    if not sharded and (cfg.parallel.param_dtype, cfg.parallel.reduce_dtype) != ("float32", "float32"):
+        raise ConfigError("parallel.param_dtype / reduce_dtype apply to FSDP (parallel.dp_shard > 1 "
+                          "or parallel.tp > 1); without sharding use precision=bf16 (autocast)")
+    if cfg.parallel.sequence_parallel and tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it shards the "
+                          "token sequence across a tensor-parallel group)")
     for ok, key, message in checks:
         if not ok:
             raise ConfigError(f"{key}={_get(cfg, key)!r} {message}")

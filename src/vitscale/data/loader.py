@@ -160,15 +160,19 @@ class EvalLoader:
 
     def __init__(self, data: Data, split: str, source: Source, batch_size: int):
         self.data, self.split, self.dataset, self.batch_size = data, split, source, batch_size
+        self._loader: DataLoader | None = None
 
     def __len__(self) -> int:
         return -(-len(self.dataset) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        loader = DataLoader(EvalItems(self.dataset, self.data.eval_transform),
-                            batch_size=self.batch_size, shuffle=False, drop_last=False,
-                            collate_fn=collate, **self.data._loader_kwargs())
-        for x, y, bad in loader:
+        if self._loader is None:  # one DataLoader per EvalLoader: its workers (if any) persist
+            kwargs = self.data._loader_kwargs()
+            self._loader = DataLoader(EvalItems(self.dataset, self.data.eval_transform),
+                                      batch_size=self.batch_size, shuffle=False, drop_last=False,
+                                      collate_fn=collate, persistent_workers=kwargs["num_workers"] > 0,
+                                      **kwargs)
+        for x, y, bad in self._loader:
             self.data._note_unreadable(self.split, bad)
             if y.numel():
                 yield x, y

@@ -36,12 +36,18 @@ HEAD_KEYS = ("head.weight", "head.bias")
 # ---------------------------------------------------------------------------------- own format
 def save(model: VisionTransformer, path: str | Path) -> Path:
     """Save weights + config: a folder, or one `.safetensors` file with the config inside."""
+    return save_state(model.cfg, model.state_dict(), path)
+
+
+def save_state(cfg: Any, state: dict[str, Any], path: str | Path) -> Path:
+    """`save` from a model config and its state dict (e.g. gathered from the shards of a
+    sharded run)."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    doc = json.dumps({"format": FORMAT, "version": 1, "family": _family(model.cfg),
-                      "model": model.cfg.to_dict()}, indent=2)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    doc = json.dumps({"format": FORMAT, "version": 1, "family": _family(cfg),
+                      "model": cfg.to_dict()}, indent=2)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     weights = path if path.suffix == ".safetensors" else path / WEIGHTS_FILE
     atomic_write(weights, lambda p: save_file(tensors, str(p), metadata={METADATA_KEY: doc}))
     if path.suffix != ".safetensors":

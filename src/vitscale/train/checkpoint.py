@@ -8,6 +8,11 @@ Layout inside a run directory:
                                                       hyper-parameters, metrics so far
     checkpoints/latest                                name of the newest complete checkpoint
 
+A sharded run (FSDP2 / tensor parallel) writes `step-N/dcp/` instead of the two safetensors
+files: torch.distributed.checkpoint's shard files and metadata, written by every process, with
+the optimizer's non-tensor state in state.json ("format": "dcp"); it can be resumed at another
+mesh or in one process.
+
 A checkpoint folder is assembled under a temporary name, every file fsynced, then renamed into
 place; `latest` is replaced atomically afterwards. A crash at any moment leaves the previous
 checkpoint intact and `latest` pointing at a complete folder (a folder re-written at the same
@@ -37,9 +42,11 @@ from safetensors.torch import save_file
 
 from vitscale.errors import CheckpointError
 from vitscale.models.tensorfile import state_dict_mismatch
+from vitscale.train.distributed import SINGLE, World, barrier, gather_objects
 from vitscale.utils.io import _fsync_dir, atomic_write_text, first_line
 
 LATEST = "latest"
+SHARDED, DCP_DIR = "dcp", "dcp"  # state.json "format" of a sharded checkpoint, and its folder
 TENSOR_FILES = ("model.safetensors", "optimizer.safetensors")
 _STEP_DIR = re.compile(r"^(?:\.old-)?step-(\d+)(?:-\d+)?$")
 
@@ -89,7 +96,12 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict[
 
 
 def all_finite(module: torch.nn.Module) -> bool:
-    return all(torch.isfinite(p).all() for p in module.parameters())
+    """Whether this process's weights are finite (its own shards of a sharded model)."""
+    return all(torch.isfinite(_local(p)).all() for p in module.parameters())
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class CorruptCheckpoint(CheckpointError):
@@ -138,6 +150,12 @@ def save_checkpoint(
     doc = {"step": step, "rng": rng_state(), "optimizer": opt_meta, "sha256": sums, **state}
     atomic_write_text(tmp / "state.json", json.dumps(doc))
     _fsync_dir(tmp)
+    return _commit(tmp, final, keep)
+
+
+def _commit(tmp: Path, final: Path, keep: int) -> Path:
+    """Move the complete folder `tmp` to `final`, point `latest` at it, prune old ones."""
+    ckpt_root, name = final.parent, final.name
     aside = None
     if final.exists():  # an older attempt at the same step (e.g. after --resume): replace it,
         aside = ckpt_root / f".old-{name}-{os.getpid()}"  # keeping it until the new one is in
@@ -158,6 +176,48 @@ def _prune(ckpt_root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
     for stale in [*ckpt_root.glob(".tmp-*"), *ckpt_root.glob(".old-*")]:  # left by a crash
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def save_sharded_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
+                            optimizer: torch.optim.Optimizer, state: dict[str, Any],
+                            ema: torch.nn.Module | None, keep: int, world: World) -> Path:
+    """Checkpoint `step` of a sharded model (collective: every process calls it): each process
+    writes its shards with torch.distributed.checkpoint into `step-N/dcp/` (a folder every
+    process can reach, e.g. a shared file system), the file sizes and SHA-256 sums are computed
+    by the processes in turn, and rank 0 writes state.json and renames the folder into place as
+    `save_checkpoint` does, so a torn write is never taken for the latest checkpoint."""
+    from vitscale.parallel.state import save_sharded
+
+    finite = all_finite(model) and (ema is None or all_finite(ema))
+    if not all(gather_objects(finite, world)):
+        raise CheckpointError(f"refusing to write checkpoint at step {step}: non-finite weights")
+    ckpt_root = Path(run_dir) / "checkpoints"
+    name = f"step-{step:09d}"
+    tmp = ckpt_root / f".tmp-{name}-sharded"
+    if world.is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / DCP_DIR).mkdir(parents=True)
+    barrier(world)
+    opt_meta = save_sharded(tmp / DCP_DIR, model, optimizer, ema)
+    barrier(world)
+    names = sorted(p.name for p in (tmp / DCP_DIR).iterdir())
+    mine = {}
+    for file in names[world.rank::world.size]:
+        with open(tmp / DCP_DIR / file, "rb") as fh:
+            os.fsync(fh.fileno())
+        mine[file] = [(tmp / DCP_DIR / file).stat().st_size, _sha256(tmp / DCP_DIR / file)]
+    sums = {k: v for part in gather_objects(mine, world) for k, v in part.items()}
+    final = ckpt_root / name
+    if world.is_main:
+        doc = {"step": step, "rng": rng_state(), "format": SHARDED, "optimizer": opt_meta,
+               "files": sums, **state}
+        _fsync_dir(tmp / DCP_DIR)
+        atomic_write_text(tmp / "state.json", json.dumps(doc))
+        _fsync_dir(tmp)
+        _commit(tmp, final, keep)
+    barrier(world)
+    return final
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -198,15 +258,23 @@ class CheckpointFiles:
     weights: dict[str, torch.Tensor]
     optimizer: dict[str, torch.Tensor]
 
+    @property
+    def sharded(self) -> bool:
+        """Written by a sharded run: the tensors are in `dcp/`, read when applied."""
+        return self.doc.get("format") == SHARDED
 
-def read_checkpoint(path: str | Path) -> CheckpointFiles:
+
+def read_checkpoint(path: str | Path, world: World = SINGLE) -> CheckpointFiles:
     """Read every file of a step folder, checking the recorded SHA-256 sums; a CorruptCheckpoint
-    naming the first file that cannot be read back."""
+    naming the first file that cannot be read back. A sharded checkpoint's files are checked by
+    the processes in turn (collective) and read when applied."""
     path = Path(path)
     where = path / "state.json"
     try:
         doc = json.loads(where.read_text(encoding="utf-8"))
         step = doc["step"]
+        if doc.get("format") == SHARDED:
+            return _check_sharded(path, doc, world)
         tensors = []
         for name in TENSOR_FILES:
             where = path / name
@@ -220,6 +288,45 @@ def read_checkpoint(path: str | Path) -> CheckpointFiles:
     if not isinstance(step, int):
         raise CorruptCheckpoint(f"{path / 'state.json'} has no integer step")
     return CheckpointFiles(path, doc, *tensors)
+
+
+def _check_sharded(path: Path, doc: dict[str, Any], world: World) -> CheckpointFiles:
+    names = sorted(doc["files"])
+    problem = None
+    for name in names[world.rank::world.size]:
+        size, digest = doc["files"][name]
+        file = path / DCP_DIR / name
+        try:
+            if file.stat().st_size != size:
+                problem = f"{file} cannot be read (it has {file.stat().st_size} bytes, not {size})"
+            elif _sha256(file) != digest:
+                problem = f"{file} cannot be read (its SHA-256 differs from the one recorded at save time)"
+        except OSError as exc:
+            problem = f"{file} cannot be read ({first_line(exc)})"
+        if problem:
+            break
+    problems = [p for p in gather_objects(problem, world) if p]
+    if problems:
+        raise CorruptCheckpoint(problems[0])
+    if not isinstance(doc["step"], int):
+        raise CorruptCheckpoint(f"{path / 'state.json'} has no integer step")
+    return CheckpointFiles(path, doc, {}, {})
+
+
+def apply_sharded_checkpoint(files: CheckpointFiles, model: torch.nn.Module,
+                             optimizer: torch.optim.Optimizer | None = None,
+                             ema: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Load a sharded checkpoint into `model` / `optimizer` / `ema`, sharded at any mesh or
+    whole in one process (DCP reshards); returns its state.json. RNG states are the caller's."""
+    from vitscale.parallel.state import load_sharded
+
+    try:
+        load_sharded(files.path / DCP_DIR, model, optimizer, ema, files.doc["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {files.path} does not fit this model or optimizer "
+                              f"({first_line(exc)}); was the config changed since the run "
+                              "started?") from None
+    return files.doc
 
 
 def apply_checkpoint(files: CheckpointFiles, model: torch.nn.Module,
@@ -262,7 +369,7 @@ def load_checkpoint(
 
 
 def read_newest_loadable(run_dir: str | Path, warn: Callable[[str], None],
-                         set_aside: bool = True) -> CheckpointFiles | None:
+                         set_aside: bool = True, world: World = SINGLE) -> CheckpointFiles | None:
     """The newest checkpoint of a run directory whose files read back whole (None when there is
     none at all). Each unreadable one is reported through `warn` in one line and, with
     `set_aside` (the process that writes the run directory), renamed to `unreadable-step-N`
@@ -273,7 +380,7 @@ def read_newest_loadable(run_dir: str | Path, warn: Callable[[str], None],
     bad: list[tuple[Path, str]] = []
     for path in candidates:
         try:
-            files = read_checkpoint(path)
+            files = read_checkpoint(path, world)
         except CorruptCheckpoint as exc:
             bad.append((path, str(exc)))
             continue

@@ -1,5 +1,6 @@
-"""Data-parallel training under `torchrun`: one process per device, the same code path as a
-single process (world size 1, where every helper here is a no-op).
+"""Training under `torchrun`: one process per device, the same code path as a single process
+(world size 1, where every helper here is a no-op). Sharding and tensor parallelism
+(`parallel.*` settings) are vitscale.parallel's; this module is the process group itself.
 
     torchrun --standalone --nproc_per_node 8 -m vitscale.cli train --config configs/X.yaml
 
@@ -70,12 +71,12 @@ def device_for(world: World, device: torch.device) -> torch.device:
     return device
 
 
-def all_sum(values: list[float], world: World, device: torch.device) -> list[float]:
-    """Element-wise sum over processes (float64, so counts stay exact)."""
-    if not world.distributed:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
+def all_sum(values: list[float | torch.Tensor], world: World, device: torch.device) -> list[float]:
+    """Element-wise sum over processes (float64, so counts stay exact); values may be 0-d
+    tensors on `device` (one host synchronisation for all of them)."""
+    t = torch.stack([torch.as_tensor(v, device=device).double().reshape(()) for v in values])
+    if world.distributed:
+        dist.all_reduce(t)
     return t.tolist()
 
 
@@ -86,6 +87,15 @@ def gather_objects(obj: Any, world: World) -> list[Any]:
     out: list[Any] = [None] * world.size
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj: Any, world: World) -> Any:
+    """Rank 0's `obj` in every process (pickled over the process group: trusted, in-run data)."""
+    if not world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier(world: World) -> None:

@@ -23,10 +23,25 @@ class EMA:
         for p in self.module.parameters():
             p.requires_grad_(False)
 
+    @classmethod
+    def over(cls, module: torch.nn.Module, decay: float) -> EMA:
+        """An EMA kept in `module`, a copy of the model built (and sharded) like it, holding the
+        same weights: a sharded model is not deep-copied, its twin is built alongside."""
+        ema = cls.__new__(cls)
+        ema.decay, ema.module = decay, module.eval()
+        for p in module.parameters():
+            p.requires_grad_(False)
+        return ema
+
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int | None = None) -> None:
-        ema = [p for p in self.module.parameters()]
-        raw = [p.detach() for p in model.parameters()]
+        # Sharded parameters (DTensors) are averaged shard by shard: both models shard alike.
+        ema = [_local(p) for p in self.module.parameters()]
+        raw = [_local(p.detach()) for p in model.parameters()]
         torch._foreach_lerp_(ema, raw, 1.0 - ema_decay_at(self.decay, step))
         for b_ema, b in zip(self.module.buffers(), model.buffers()):
             b_ema.copy_(b)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t

@@ -26,10 +26,12 @@ from vitscale.errors import CheckpointError, UserError
 from vitscale.train import distributed
 from vitscale.train.checkpoint import (
     apply_checkpoint,
+    apply_sharded_checkpoint,
     read_checkpoint,
     read_newest_loadable,
     rng_state,
     save_checkpoint,
+    save_sharded_checkpoint,
     set_rng_state,
 )
 from vitscale.train.distributed import SINGLE, World, all_sum, world_from_env
@@ -105,23 +107,40 @@ def total_steps(cfg: TrainConfig, train_size: int) -> int:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: str,
-             world: World = SINGLE, loss: str = "softmax") -> dict[str, float]:
+             world: World = SINGLE, loss: str = "softmax", copies: int = 1,
+             lockstep: int | None = None) -> dict[str, float]:
     """Top-1 accuracy and the mean of the run's loss (softmax or sigmoid cross-entropy, no label
     smoothing) over `loader`; with several processes each passes its shard of the split and the
-    counts are summed."""
+    counts are summed (`copies`: how many processes evaluate each shard, e.g. a tensor-parallel
+    group). `lockstep`: run exactly this many forward passes, padding with a throw-away batch,
+    for a sharded model whose every forward pass is a collective."""
     model.eval()
-    correct = total = 0
-    loss_sum = 0.0
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    total, passes, spare = 0, 0, None
     for x, y in loader:
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = model(x).float()
         targets = F.one_hot(y, logits.shape[-1]).float()
-        loss_sum += loss_fn(logits, targets, loss, 0.0).item() * y.numel()
-        correct += (logits.argmax(-1) == y).sum().item()
+        loss_sum += loss_fn(logits, targets, loss, 0.0).double() * y.numel()
+        correct += (logits.argmax(-1) == y).sum()
         total += y.numel()
+        passes, spare = passes + 1, x[:1]
+    for _ in range(passes, lockstep or 0):
+        if spare is None:  # this process's shard was empty: any image of the right size
+            side = getattr(getattr(model, "cfg", None), "img_size", None)
+            spare = torch.zeros(1, 3, *_pair(side), device=device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            model(spare)
     correct, total, loss_sum = all_sum([correct, total, loss_sum], world, device)
-    return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "n": int(total)}
+    total /= copies
+    return {"accuracy": correct / copies / max(total, 1), "loss": loss_sum / copies / max(total, 1),
+            "n": int(total)}
+
+
+def _pair(side: Any) -> tuple[int, int]:
+    return (side, side) if isinstance(side, int) else tuple(side)
 
 
 class MetricsLog:
@@ -172,56 +191,104 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str | Path | None = None) -> None:
         from vitscale.data import build_data
         from vitscale.optim import build_optimizer
+        from vitscale.parallel import Layout, build_mesh
 
         self.cfg = cfg
         self.run_dir = Path(cfg.out_dir)
         self.world = world_from_env()
+        self.layout = Layout(*cfg.parallel.layout(self.world.size))
         self.device = distributed.device_for(self.world, resolve_device(cfg.device))
         self.determinism_before = make_deterministic() if cfg.deterministic else None
         self.created_group = distributed.init(self.world, self.device)
+        self.mesh = build_mesh(self.layout, self.device) if self.layout.sharded else None
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
         self.data = build_data(cfg.data, cfg.seed)
-        self.model = build_model(cfg, self.data.num_classes).to(self.device)
+        self.model, self.ema = self._build_models()
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
         self.train_model: torch.nn.Module = self.model
-        if self.world.distributed:
+        if self.world.distributed and not self.layout.sharded:
             from torch.nn.parallel import DistributedDataParallel
 
             self.train_model = DistributedDataParallel(self.model)
-            # Dropout / drop-path masks differ between processes, as between examples.
-            torch.manual_seed(cfg.seed * 1_000_003 + self.world.rank)
+        self.dp_rank = self.layout.dp_rank(self.world.rank)
+        if self.world.distributed:
+            # Dropout / drop-path masks differ between data-parallel ranks, as between examples;
+            # the ranks of a tensor-parallel group hold the same examples, so they draw alike.
+            torch.manual_seed(cfg.seed * 1_000_003 + self.dp_rank)
         self.total = total_steps(cfg, len(self.data.train))
         self.phases = self._retokenize_phases()
         self.step = 0
         self.skipped_steps = 0
         self.best: dict[str, float] = {}
         self._fewshot_data = None  # built on first use
+        self._eval_loaders: dict[str, Any] = {}
         self.resumed_from: int | None = None
-        if resume:  # the checkpoint asked for, or a one-line error: no silent fallback
-            if not (Path(resume) / "state.json").is_file():
-                raise CheckpointError(f"{resume} is not a checkpoint folder (no state.json)")
-            files = read_checkpoint(resume)
-        else:
-            quiet = lambda _message: None  # noqa: E731 - the other processes: rank 0 warns
-            files = read_newest_loadable(self.run_dir, _warn if self.world.is_main else quiet,
-                                         set_aside=self.world.is_main)
-        if files is not None:
-            doc = apply_checkpoint(files, self.model, self.optimizer,
-                                   self.ema.module if self.ema else None, restore_rng=False)
-            rngs = doc.get("rng_per_process", [doc["rng"]])
-            if len(rngs) != self.world.size:
-                raise CheckpointError(
-                    f"{files.path} was written by a run of {len(rngs)} process(es) and this one "
-                    f"has {self.world.size}; resume with the same number to continue exactly")
-            set_rng_state(rngs[self.world.rank])
-            self.step = doc["step"]
-            self.skipped_steps = doc.get("skipped_steps", 0)
-            self.best = doc.get("best", {})
-            self.resumed_from = self.step
+        self._resume(resume)
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+
+    def _build_models(self) -> tuple[torch.nn.Module, EMA | None]:
+        """(the model to train, its EMA or None), parallelized as cfg.parallel says.
+        Sharded: built on the meta device in every process and filled from rank 0's CPU model,
+        so the weights equal a one-process run's (vitscale.parallel.init)."""
+        from vitscale.models.registry import build
+        from vitscale.parallel import build_on_meta, materialize, parallelize
+
+        cfg, layout, decay = self.cfg, self.layout, self.cfg.ema_decay
+        if not layout.sharded:
+            model = build_model(cfg, self.data.num_classes).to(self.device)
+            ema = EMA(model, decay) if decay else None  # copied before checkpointing / compile
+            parallelize(model, None, layout, cfg.parallel)
+            return model, ema
+        source = build_model(cfg, self.data.num_classes) if self.world.is_main else None
+        model_cfg = distributed.broadcast_object(source.cfg if source is not None else None, self.world)
+        built = []
+        for train in (True, False) if decay else (True,):
+            model = build_on_meta(lambda: build(model_cfg))
+            parallelize(model, self.mesh, layout, cfg.parallel, train=train)
+            materialize(model, self.device, source)
+            built.append(model)
+        del source
+        return built[0], EMA.over(built[1], decay) if decay else None
+
+    def _resume(self, resume: str | Path | None) -> None:
+        if resume:  # the checkpoint asked for, or a one-line error: no silent fallback
+            if not (Path(resume) / "state.json").is_file():
+                raise CheckpointError(f"{resume} is not a checkpoint folder (no state.json)")
+            files = read_checkpoint(resume, self.world)
+        else:
+            quiet = lambda _message: None  # noqa: E731 - the other processes: rank 0 warns
+            files = read_newest_loadable(self.run_dir, _warn if self.world.is_main else quiet,
+                                         set_aside=self.world.is_main, world=self.world)
+        if files is None:
+            return
+        ema = self.ema.module if self.ema else None
+        if files.sharded:
+            doc = apply_sharded_checkpoint(files, self.model, self.optimizer, ema)
+        elif self.layout.sharded:
+            raise CheckpointError(
+                f"{files.path} was written by a run without sharding (parallel.dp_shard = tp = 1); "
+                "resume it with that layout, or start a new run from its weights (model.init)")
+        else:
+            doc = apply_checkpoint(files, self.model, self.optimizer, ema, restore_rng=False)
+        rngs = doc.get("rng_per_process", [doc["rng"]])
+        if len(rngs) == self.world.size:
+            set_rng_state(rngs[self.world.rank])
+        elif files.sharded:  # DCP reshards the state; the dropout streams cannot be
+            if self.world.is_main:
+                _warn(f"resuming {files.path.name}, written by {len(rngs)} process(es), with "
+                      f"{self.world.size}: the weights and optimizer state are resharded exactly, "
+                      "the dropout / drop-path random streams start anew (exact only up to them)")
+            torch.manual_seed(self.cfg.seed * 1_000_003 + self.dp_rank + 7919 * doc["step"])
+        else:
+            raise CheckpointError(
+                f"{files.path} was written by a run of {len(rngs)} process(es) and this one "
+                f"has {self.world.size}; resume with the same number to continue exactly")
+        self.step = doc["step"]
+        self.skipped_steps = doc.get("skipped_steps", 0)
+        self.best = doc.get("best", {})
+        self.resumed_from = self.step
 
     # ------------------------------------------------------------------ re-tokenization
     def _retokenize_phases(self) -> list[tuple[int, int, int, float]]:
@@ -270,47 +337,67 @@ class Trainer:
                 model.set_tokenizer(stride, dilation)
 
     # ------------------------------------------------------------------ one optimizer step
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int] | None:
-        """One optimizer step on the global batch: (mean loss, examples whose top logit is the
-        dominant target class), or None when the loss or gradient is not finite."""
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One optimizer step on this process's share of the global batch: (its mean loss,
+        its examples whose top logit is the dominant target class), both 0-d tensors left on the
+        device (summed over processes on log steps only), or None when the loss or gradient is
+        not finite. The one host synchronisation per step is that verdict."""
         from vitscale.data.mixing import mix_batch
 
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
         x, targets = mix_batch(x, y, self.data.num_classes, gen, self.data.mixup_alpha,
                                cfg.data.cutmix_alpha)
-        x, targets = x.to(self.device), targets.to(self.device)
+        x = x.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
         model = self.train_model
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total_loss, correct = 0.0, 0
+        total_loss = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
         chunks = list(zip(x.chunk(cfg.accum_steps), targets.chunk(cfg.accum_steps)))
         for i, (xs, ts) in enumerate(chunks):
-            # Under DDP, gradients are averaged across processes on the last micro-batch only.
-            sync = i == len(chunks) - 1 or not self.world.distributed
-            with contextlib.nullcontext() if sync else model.no_sync():
+            # Gradients are reduced across processes on the last micro-batch only.
+            with self._gradient_sync(i == len(chunks) - 1):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16,
                                     enabled=cfg.precision == "bf16"):
                     logits = model(xs)
                 loss = loss_fn(logits, ts, cfg.loss, cfg.label_smoothing) / cfg.accum_steps
-                if not torch.isfinite(loss) and not self.world.distributed:
-                    return None  # every process must join the backward pass under DDP
                 loss.backward()
-            total_loss += loss.item()
-            correct += int((logits.argmax(-1) == ts.argmax(-1)).sum())
-        # Over processes: the loss of the global batch, and the same verdict everywhere.
-        total_loss, correct = all_sum([total_loss, correct], self.world, self.device)
-        total_loss /= self.world.size
-        if not math.isfinite(total_loss):
+            total_loss += loss.detach()
+            correct += (logits.argmax(-1) == ts.argmax(-1)).sum()
+        norm = self._grad_norm()
+        # With several processes the verdict is the global gradient norm's (the same number in
+        # every process; a non-finite loss anywhere makes it non-finite).
+        finite = torch.isfinite(norm)
+        if not self.world.distributed:
+            finite &= torch.isfinite(total_loss)
+        if not bool(finite):
             return None
-        if cfg.optim.grad_clip:
-            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-            if not torch.isfinite(norm):
-                return None
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model, self.step if cfg.ema_warmup else None)
-        return total_loss, int(correct)
+        return total_loss, correct
+
+    def _gradient_sync(self, sync: bool):
+        """Reduce gradients across processes in this backward pass or not (accumulation)."""
+        if sync or not self.world.distributed:
+            return contextlib.nullcontext()
+        if self.layout.sharded:
+            return _fsdp_sync_off(self.model)
+        return self.train_model.no_sync()
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The global gradient norm, after clipping to optim.grad_clip when set."""
+        clip = self.cfg.optim.grad_clip
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.layout.sharded:
+            from vitscale.parallel import clip_grad_norm
+
+            return clip_grad_norm(params, clip)
+        if clip:
+            return torch.nn.utils.clip_grad_norm_(params, clip)
+        return torch.nn.utils.get_total_norm([p.grad for p in params])
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> RunResult:
@@ -328,8 +415,11 @@ class Trainer:
         last: dict[str, Any] = {}
         minival: dict[str, Any] = {}  # the last minival evaluation (of the final weights at the end)
         try:
+            # Each data-parallel rank loads its slice of the global batch; the processes of a
+            # tensor-parallel group load the same one.
+            dp = World(rank=self.dp_rank, size=self.layout.replicas)
             batches = self.data.train_batches(start_step=self.step, batch_size=cfg.data.batch_size,
-                                              shard=self.world.shard(cfg.data.batch_size))
+                                              shard=dp.shard(cfg.data.batch_size))
             for step, _epoch, x, y in batches:
                 if step >= self.total:
                     break
@@ -338,7 +428,9 @@ class Trainer:
                 lr = apply_lr(self.optimizer, step, self.total, cfg.optim.lr, cfg.schedule)
                 outcome = self._train_step(x, y)
                 loss = outcome[0] if outcome is not None else None
-                if outcome is None:
+                if outcome is not None:
+                    window_correct = window_correct + outcome[1]
+                else:
                     if cfg.on_nonfinite == "stop":
                         raise TrainingError(
                             f"non-finite loss or gradient at step {step}; lower optim.lr, enable "
@@ -353,14 +445,16 @@ class Trainer:
                             "or enable optim.grad_clip (or raise max_skipped_fraction)")
                 self.step = step + 1
                 window_images += cfg.data.batch_size
-                window_correct += outcome[1] if outcome is not None else 0
                 done = self.step
                 if done % cfg.log_every == 0 or done == self.total:
+                    # The only cross-process reduction of the training metrics: on log steps.
+                    step_loss, correct = all_sum([loss if loss is not None else math.nan,
+                                                  window_correct], self.world, self.device)
                     now = time.perf_counter()
                     last = dict(step=done, epoch=round(done / per_epoch, 4),
                                 images_seen=done * cfg.data.batch_size, lr=lr,
-                                loss=loss if loss is not None else float("nan"),
-                                accuracy=window_correct / max(window_images, 1),
+                                loss=step_loss / self.world.size,
+                                accuracy=correct / self.layout.tp / max(window_images, 1),
                                 images_per_s=window_images / max(now - window_start, 1e-9),
                                 skipped_steps=self.skipped_steps,
                                 skipped_images=self.data.skipped)
@@ -389,12 +483,8 @@ class Trainer:
             progress.close()
             if log is not None:
                 log.close()
+        self._save_final()
         if main:
-            from vitscale.models import save
-
-            save(self.model, self.run_dir / "model")
-            if self.ema is not None:
-                save(self.ema.module, self.run_dir / "model_ema")
             if self.data.skipped:
                 print(f"skipped {self.data.skipped} unreadable images")
             if self.skipped_steps:
@@ -404,28 +494,58 @@ class Trainer:
         result = {k: v for k, v in final.items() if isinstance(v, (int, float))}
         return RunResult(self.run_dir, self.step, result, time.perf_counter() - started, main)
 
+    def _save_final(self) -> None:
+        """model/ (and model_ema/): consolidated safetensors folders that models.load reads;
+        from a sharded run gathered to rank 0's CPU, which writes them."""
+        from vitscale.models.weights import save_state
+
+        for name, model in (("model", self.model), ("model_ema", self.ema.module if self.ema else None)):
+            if model is None:
+                continue
+            if self.layout.sharded:
+                from vitscale.parallel.state import full_state
+
+                state = full_state(model)  # every process takes part
+            else:
+                state = model.state_dict() if self.world.is_main else {}
+            if self.world.is_main:
+                save_state(model.cfg, state, self.run_dir / name)
+
+    def _eval_loader(self, split: str):
+        """This data-parallel rank's share of `split`, one loader per split for the whole run
+        (its workers persist); the processes of a tensor-parallel group share one."""
+        if split not in self._eval_loaders:
+            self._eval_loaders[split] = self.data.eval_loader(
+                split, self.cfg.data.eval_batch_size, shard=(self.dp_rank, self.layout.replicas))
+        return self._eval_loaders[split]
+
     def _evaluate(self, split: str, step: int) -> dict[str, Any]:
-        loader = self.data.eval_loader(split, self.cfg.data.eval_batch_size,
-                                       shard=(self.world.rank, self.world.size))
+        loader = self._eval_loader(split)
         record = self._record(step, split)
         if loader is None:
             return record
+        lockstep = None
+        if self.layout.sharded:  # every process must run as many forward passes (collectives)
+            split_size = {"minival": self.data.minival, "test": self.data.test}[split]
+            per_rank = -(-len(split_size) // self.layout.replicas)
+            lockstep = -(-per_rank // self.cfg.data.eval_batch_size)
         for prefix, model in (("", self.model), ("ema/", self.ema.module if self.ema else None)):
             if model is None:
                 continue
             metrics = evaluate(model, loader, self.device, self.cfg.precision, self.world,
-                               self.cfg.loss)
+                               self.cfg.loss, copies=self.layout.tp, lockstep=lockstep)
             record[f"{prefix}{split}/accuracy"] = metrics["accuracy"]
             record[f"{prefix}{split}/loss"] = metrics["loss"]
         return record
 
     def _fewshot(self, step: int) -> dict[str, Any]:
-        """Few-shot accuracies of the current weights (computed by the main process)."""
+        """Few-shot accuracies of the current weights (computed by the main process; by every
+        process alike when the model is sharded, since each forward pass is collective)."""
         from vitscale.eval.api import fewshot_model
 
         fs = self.cfg.evals.fewshot
         record = self._record(step, "fewshot")
-        if self.world.is_main:
+        if self.world.is_main or self.layout.sharded:
             if self._fewshot_data is None:
                 self._fewshot_data = self.data
                 if fs.source and fs.source != self.cfg.data.source:
@@ -470,11 +590,28 @@ class Trainer:
         rngs = distributed.gather_objects(rng_state(), self.world)
         if self.world.distributed:
             state["rng_per_process"] = rngs  # each process resumes its own dropout stream
-        if self.world.is_main:
-            save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
-                            ema=self.ema.module if self.ema else None,
+        ema = self.ema.module if self.ema else None
+        if self.layout.sharded:  # every process writes its shards
+            save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state,
+                                    ema=ema, keep=self.cfg.keep_checkpoints, world=self.world)
+        elif self.world.is_main:
+            save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, ema=ema,
                             keep=self.cfg.keep_checkpoints)
         distributed.barrier(self.world)
+
+
+@contextlib.contextmanager
+def _fsdp_sync_off(model: torch.nn.Module):
+    """No gradient reduce-scatter in this backward pass (FSDP2); a TP-only model has none."""
+    toggle = getattr(model, "set_requires_gradient_sync", None)
+    if toggle is None:
+        yield
+        return
+    toggle(False)
+    try:
+        yield
+    finally:
+        toggle(True)
 
 
 def _warn(message: str) -> None:

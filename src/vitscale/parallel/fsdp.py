@@ -1,0 +1,63 @@
+"""FSDP2 (`fully_shard`): each block's parameters are one all-gather unit, then the root holds
+what is left (embeddings, final norm, head). Parameters become DTensors sharded on dim 0 over
+the data-parallel mesh (HSDP on a 2-D (dp_replicate, dp_shard) mesh: replicated across the
+first dim, sharded across the second); gradients are reduce-scattered (averaged) in backward."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def apply_fsdp(model: nn.Module, blocks: list[nn.Module], mesh, param_dtype: str = "float32",
+               reduce_dtype: str = "float32") -> None:
+    """Shard `model` in place. param_dtype: the dtype parameters are gathered in for forward and
+    backward (the fp32 shards stay the master weights); reduce_dtype: the dtype of the gradient
+    reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    # The root's own parameters (embeddings, final norm, head) are needed first thing in
+    # backward, so they are not freed after forward.
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    _register_feature_methods(model, ("forward_features", "forward_pooled"))
+
+
+def _register_feature_methods(model: nn.Module, names: tuple[str, ...]) -> None:
+    """Evaluators call `forward_pooled` / `forward_features` instead of forward: called from
+    outside, they gather the root's parameters as forward does (FSDP's forward-method hooks).
+    Called from within forward or from one another they must not, or the nested hooks would
+    free the root's parameters mid-forward; a depth count tells the two apart."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    depth = [0]
+
+    def enter(*_args):
+        depth[0] += 1
+
+    def leave(*_args):
+        depth[0] -= 1
+
+    model.register_forward_pre_hook(enter)
+    model.register_forward_hook(leave, always_call=True)
+    for name in names:
+        if not hasattr(model, name):
+            continue
+        plain = getattr(model, name)
+        register_fsdp_forward_method(model, name)
+        hooked = getattr(model, name)
+
+        def call(*args, _plain=plain, _hooked=hooked, **kwargs):
+            if depth[0]:
+                return _plain(*args, **kwargs)
+            enter()
+            try:
+                return _hooked(*args, **kwargs)
+            finally:
+                leave()
+
+        setattr(model, name, call)

@@ -1,0 +1,125 @@
+"""State of a sharded run: the model (and EMA) weights and the optimizer state as DTensor shards
+for torch.distributed.checkpoint (DCP), and the consolidated full weights for `model/`.
+
+Only tensors go through DCP (each process writes its shards; DCP can load them into another
+mesh, or into one process). The optimizer's non-tensor state (param groups, step counters kept
+as Python ints) is the same in every process and goes to the checkpoint's state.json, so
+nothing in a checkpoint is ever unpickled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+MODEL, EMA, OPTIM = "model", "ema", "optim"
+
+
+def _optim_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer)
+
+
+def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer's per-parameter state (a step with zero gradients at lr 0), so that
+    a checkpoint can be loaded into it. Unlike DCP's own initialisation this also zeroes
+    `scheduled_lr`, which adafactor_bv multiplies its weight decay by: the weights do not move."""
+    if optimizer.state:
+        return
+    saved = [(g.get("lr"), g.get("scheduled_lr")) for g in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        if "scheduled_lr" in group:
+            group["scheduled_lr"] = 0.0
+        for p in group["params"]:
+            if p.requires_grad:
+                p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for group, (lr, scheduled) in zip(optimizer.param_groups, saved):
+        group["lr"] = lr
+        if scheduled is not None:
+            group["scheduled_lr"] = scheduled
+    optimizer.zero_grad(set_to_none=True)
+
+
+def split_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                ema: nn.Module | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """({flat key: tensor or DTensor} for DCP, the optimizer's JSON part)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    tensors = {f"{MODEL}.{k}": v for k, v in get_model_state_dict(model).items()}
+    if ema is not None:
+        tensors.update({f"{EMA}.{k}": v for k, v in get_model_state_dict(ema).items()})
+    opt = _optim_state(model, optimizer)
+    scalars: dict[str, dict[str, Any]] = {}
+    for fqn, pstate in opt["state"].items():
+        for name, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{OPTIM}.{fqn}.{name}"] = value
+            else:
+                scalars.setdefault(fqn, {})[name] = value
+    return tensors, {"param_groups": opt["param_groups"], "scalars": scalars}
+
+
+def save_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 ema: nn.Module | None) -> dict[str, Any]:
+    """Every process writes its shards into the folder `path` (collective); returns the
+    optimizer's JSON part."""
+    import torch.distributed.checkpoint as dcp
+
+    tensors, meta = split_state(model, optimizer, ema)
+    dcp.save(tensors, checkpoint_id=str(path))
+    return meta
+
+
+def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                 ema: nn.Module | None, optimizer_meta: dict[str, Any] | None) -> None:
+    """Load a DCP folder written at any mesh (or by one process) into this process's shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    if optimizer is not None:
+        ensure_optimizer_state(optimizer)
+        tensors, _ = split_state(model, optimizer, ema)
+    else:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        tensors = {f"{MODEL}.{k}": v for k, v in get_model_state_dict(model).items()}
+        if ema is not None:
+            tensors.update({f"{EMA}.{k}": v for k, v in get_model_state_dict(ema).items()})
+    dcp.load(tensors, checkpoint_id=str(path))
+    options = StateDictOptions(strict=True)
+    set_model_state_dict(model, _under(tensors, MODEL), options=options)
+    if ema is not None:
+        set_model_state_dict(ema, _under(tensors, EMA), options=options)
+    if optimizer is None or optimizer_meta is None:
+        return
+    state: dict[str, dict[str, Any]] = {}
+    for key, value in _under(tensors, OPTIM).items():
+        fqn, name = key.rsplit(".", 1)
+        state.setdefault(fqn, {})[name] = value
+    for fqn, values in optimizer_meta["scalars"].items():
+        state.setdefault(fqn, {}).update(values)
+    set_optimizer_state_dict(model, optimizer, {"state": state,
+                                                "param_groups": optimizer_meta["param_groups"]})
+
+
+def _under(tensors: dict[str, Any], prefix: str) -> dict[str, Any]:
+    cut = len(prefix) + 1
+    return {k[cut:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on the CPU of rank 0 (an empty dict elsewhere); collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))

@@ -41,6 +41,36 @@ def runs() -> dict[str, list[str]]:
     return {f"{m}-{o}": BASE + MODELS[m] + OPTIMIZERS[o] for m in MODELS for o in OPTIMIZERS}
 
 
+# Settings a sharded run refuses, each with the words its one-line error must contain.
+REFUSED = {
+    "heads": (["model.overrides.heads=3", "model.overrides.width=48", "parallel.tp=2"], "heads"),
+    "tokens": (["model.overrides.pool=token", "parallel.tp=2", "parallel.sequence_parallel=true"],
+               "17 tokens"),
+    "hybrid": (["model.name=R26+S/32", "data.img_size=32", "parallel.tp=2"], "hybrid"),
+    "asvit": (["model.name=asvit-small", "data.img_size=32", "parallel.tp=2"], "As-ViT"),
+}
+
+
+def refusals(out: str) -> None:
+    """Try each REFUSED setting; print `name: message` for each UserError (rank 0)."""
+    import torch.distributed as dist
+
+    from vitscale.errors import UserError
+    from vitscale.train import run
+
+    dist.init_process_group("gloo")
+    for name, (overrides, _) in REFUSED.items():
+        try:
+            run(None, BASE + overrides + [f"out_dir={Path(out) / name}"])
+            message = "no error"
+        except UserError as exc:
+            message = str(exc)
+        if dist.get_rank() == 0:
+            print(f"{name}: {message}", flush=True)
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def main(out: str, layout: list[str], only: list[str] | None = None) -> None:
     import torch.distributed as dist
 
@@ -56,6 +86,9 @@ def main(out: str, layout: list[str], only: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    if args[0] == "--refusals":
+        refusals(args[1])
+        sys.exit(0)
     only = args[args.index("--only") + 1].split(",") if "--only" in args else None
     if only:
         args = args[:args.index("--only")]

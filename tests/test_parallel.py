@@ -83,3 +83,126 @@ def test_sharded_layout_follows_one_process(tmp_path, single, nproc, layout):
     state = json.loads((tmp_path / "vit-adamw" / "checkpoints" / "step-000000010" / "state.json")
                        .read_text())
     assert state["format"] == "dcp" and len(state["rng_per_process"]) == nproc
+
+
+# ------------------------------------------------------------------ sharded checkpoints
+RESUME = runs()["vit22b-adamw"] + ["steps=12", "ckpt_every=3", "ema_decay=0.9",
+                                     "model.overrides.drop_path=0.1"]
+
+
+def train_cmd(out: Path, *extra: str) -> list[str]:
+    return ["-m", "vitscale.cli", "train", *RESUME, *extra, f"out_dir={out}"]
+
+
+def weights(run_dir: Path, folder: str = "model") -> dict[str, torch.Tensor]:
+    return load(run_dir / folder).state_dict()
+
+
+def test_sharded_checkpoint_sigkill_resume_and_other_meshes(tmp_path):
+    import random
+    import shutil
+    import signal
+    import time
+
+    layout = ["parallel.dp_shard=4"]
+    reference = tmp_path / "reference"
+    proc = torchrun(4, *train_cmd(reference, *layout))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # SIGKILL the whole torchrun process group once a random checkpoint is in place.
+    killed = tmp_path / "killed"
+    target = random.choice([3, 6])  # not the last checkpoint: the run must still be going
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+           *train_cmd(killed, *layout)]
+    runner = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              start_new_session=True)
+    pointer = killed / "checkpoints" / "latest"
+    deadline = time.monotonic() + 200
+    while runner.poll() is None and time.monotonic() < deadline:
+        if pointer.exists() and int(pointer.read_text().split("-")[1]) >= target:
+            break
+        time.sleep(0.005)
+    os.killpg(runner.pid, signal.SIGKILL)
+    runner.wait()
+    assert not (killed / "model").exists(), "the run finished before it could be killed"
+    proc = torchrun(4, *train_cmd(killed, *layout))  # the same command resumes
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for folder in ("model", "model_ema"):
+        ours, theirs = weights(killed, folder), weights(reference, folder)
+        assert ours.keys() == theirs.keys()
+        for key in theirs:
+            assert torch.equal(ours[key], theirs[key]), f"{folder} {key}"
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [json.loads(line)["step"]
+                     for line in (reference / "metrics.jsonl").read_text().splitlines()]
+
+    # The step-6 checkpoint of the 4-process run, resumed by 2 processes and by one: DCP
+    # reshards every tensor; without dropout the runs continue as the 4-process one.
+    for nproc in (2, 1):
+        other = tmp_path / f"on-{nproc}"
+        shutil.copytree(reference, other, ignore=shutil.ignore_patterns("model", "model_ema"))
+        for step in (9, 12):
+            shutil.rmtree(other / "checkpoints" / f"step-{step:09d}", ignore_errors=True)
+        (other / "checkpoints" / "latest").write_text("step-000000006\n")
+        extra = ["model.overrides.drop_path=0.0"]
+        if nproc == 1:
+            result = run(None, RESUME + extra + [f"out_dir={other}"])
+            assert result.step == 12
+        else:
+            proc = torchrun(nproc, *train_cmd(other, "parallel.dp_shard=2", *extra))
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert "exact only up to them" in proc.stderr
+    # The reference had drop-path: the continued runs differ from it by that; they must agree
+    # with each other (the same weights, optimizer state and data after step 6).
+    on2, on1 = weights(tmp_path / "on-2"), weights(tmp_path / "on-1")
+    for key in on1:
+        torch.testing.assert_close(on2[key], on1[key], atol=1e-5, rtol=0, msg=key)
+
+
+# ------------------------------------------------------------------ settings refused
+def test_parallel_settings_without_torchrun_are_one_line_errors(tmp_path, capsys):
+    from vitscale.cli import main
+
+    cases = [
+        (["parallel.dp_shard=2"], "parallel.dp_replicate x dp_shard x tp = 1 x 2 x 1 = 2, but this "
+                                  "process runs alone (no torchrun)"),
+        (["parallel.tp=2", "parallel.dp_replicate=2"], "= 2 x 1 x 2 = 4"),
+        (["parallel.activation_checkpointing=every:0"], "use none, full or every:K"),
+        (["parallel.param_dtype=bfloat16"], "apply to FSDP"),
+        (["parallel.sequence_parallel=true"], "needs parallel.tp > 1"),
+    ]
+    for overrides, message in cases:
+        out = tmp_path / "run"
+        assert main(["train", *runs()["vit-sgd"], *overrides, f"out_dir={out}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err
+        assert not out.exists()
+
+
+def test_sharded_settings_a_model_cannot_take_are_one_line_errors(tmp_path):
+    from parallel_runs import REFUSED
+
+    proc = torchrun(2, str(WORKER), "--refusals", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
+    for name, (_, words) in REFUSED.items():
+        assert words in lines.get(name, ""), (name, lines.get(name))
+        assert not (tmp_path / name).exists(), name
+
+
+# ------------------------------------------------------------------ meta-device construction
+def test_meta_init_on_a_fake_64_process_mesh():
+    """ViT-22B/14 and g/14 sharded dp_shard 16 x tp 4 without allocating them: rank 0 holds
+    exactly the analytic share of the parameters (about 1/64)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(WORKER.with_name("fake_mesh.py"))], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["name"] for r in rows] == ["22B/14", "g/14"]
+    for r in rows:
+        assert r["total"] == r["counted"], r  # the formula covers every tensor of the model
+        assert r["local"] == r["expected"], r
+        assert 1 / 64 <= r["local"] / r["total"] < 1.02 / 64, r
+    assert rows[0]["total"] > 21.7e9  # ViT-22B: 21.7B parameters, 87 GB in fp32, not allocated

@@ -18,13 +18,13 @@ import torch.nn as nn
 from vitscale.parallel.blocks import transformer_blocks
 from vitscale.parallel.checkpointing import apply_activation_checkpointing
 from vitscale.parallel.compiling import compile_blocks
-from vitscale.parallel.fsdp import apply_fsdp
+from vitscale.parallel.fsdp import apply_fsdp, reshard
 from vitscale.parallel.init import build_on_meta, materialize
 from vitscale.parallel.mesh import MESH_DIMS, Layout, build_mesh, fsdp_mesh
 from vitscale.parallel.norm import clip_grad_norm
 
 __all__ = ["MESH_DIMS", "Layout", "build_mesh", "build_on_meta", "clip_grad_norm", "materialize",
-           "parallelize", "transformer_blocks"]
+           "parallelize", "reshard", "transformer_blocks"]
 
 
 def parallelize(model: nn.Module, mesh, layout: Layout, cfg, train: bool = True) -> None:

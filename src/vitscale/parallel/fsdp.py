@@ -5,6 +5,8 @@ first dim, sharded across the second); gradients are reduce-scattered (averaged)
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 
@@ -21,9 +23,10 @@ def apply_fsdp(model: nn.Module, blocks: list[nn.Module], mesh, param_dtype: str
     policy = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    # The root's own parameters (embeddings, final norm, head) are needed first thing in
-    # backward, so they are not freed after forward.
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    # FSDP2 warns when the root returns a view (the class token / pooled slice): an in-place op
+    # on it would skip a hook. The trainer and evaluators never write into the logits.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     _register_feature_methods(model, ("forward_features", "forward_pooled"))
 
 
@@ -61,3 +64,14 @@ def _register_feature_methods(model: nn.Module, names: tuple[str, ...]) -> None:
                 leave()
 
         setattr(model, name, call)
+
+
+def reshard(model: nn.Module) -> None:
+    """Free gathered parameters after a forward pass without backward (evaluation): FSDP2 keeps
+    the root's parameters gathered after forward for the backward pass that would follow, and
+    the optimizer, the EMA and checkpoints need them as shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

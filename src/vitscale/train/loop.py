@@ -143,15 +143,22 @@ def _pair(side: Any) -> tuple[int, int]:
     return (side, side) if isinstance(side, int) else tuple(side)
 
 
+def _kept(record: dict[str, Any], resume_step: int) -> bool:
+    step = record.get("step", 0)
+    return step < resume_step or (step == resume_step and record.get("split") != "test")
+
+
 class MetricsLog:
     """metrics.jsonl (one JSON object per line) plus TensorBoard scalars when available."""
 
     def __init__(self, run_dir: Path, resume_step: int | None) -> None:
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            # Drop lines written after the checkpoint we resume from: they will be redone.
+            # Drop lines written after the checkpoint we resume from: they will be redone; so
+            # will the final "test" row when the run stopped between its last checkpoint and
+            # the end.
             kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                    if line.strip() and _kept(json.loads(line), resume_step)]
             atomic_write_text(self.path, "".join(k + "\n" for k in kept))
         self.fh = open(self.path, "a", encoding="utf-8")
         from torch.utils.tensorboard import SummaryWriter  # tensorboard is a dependency
@@ -536,7 +543,17 @@ class Trainer:
                                self.cfg.loss, copies=self.layout.tp, lockstep=lockstep)
             record[f"{prefix}{split}/accuracy"] = metrics["accuracy"]
             record[f"{prefix}{split}/loss"] = metrics["loss"]
+        self._after_forward_only()
         return record
+
+    def _after_forward_only(self) -> None:
+        """A sharded model's parameters back to shards after evaluation (see parallel.reshard)."""
+        if self.layout.sharded:
+            from vitscale.parallel import reshard
+
+            for model in (self.model, self.ema.module if self.ema else None):
+                if model is not None:
+                    reshard(model)
 
     def _fewshot(self, step: int) -> dict[str, Any]:
         """Few-shot accuracies of the current weights (computed by the main process; by every
@@ -560,6 +577,7 @@ class Trainer:
             for r in out["results"]:
                 record[f"fewshot/{r['shots']}shot"] = r["mean"]
                 record[f"fewshot/{r['shots']}shot_std"] = r["std"]
+        self._after_forward_only()
         distributed.barrier(self.world)
         return record
 

@@ -78,19 +78,21 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        b, n, _ = x.shape
+        # -1, not self.heads / c: a tensor-parallel rank holds heads / tp of the heads
+        # (parallel/tp.py), and the reshape is the same either way.
+        qkv = self.qkv(x).reshape(b, n, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         drop = self.attn_drop if self.training else 0.0
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
-        x = x.transpose(1, 2).reshape(b, n, c)
+        x = x.transpose(1, 2).reshape(b, n, -1)
         return self.proj_drop(self.proj(x))
 
     def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax attention probabilities (B, heads, N, N), for analysis; no dropout."""
         b, n, _ = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).reshape(b, n, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, _ = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         return (q @ k.transpose(-2, -1) * self.head_dim**-0.5).softmax(dim=-1)
@@ -185,13 +187,14 @@ class MAPHead(nn.Module):
         nn.init.xavier_uniform_(self.latent.view(1, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
+        b, n, _ = x.shape
         # Project the probe per sample (not once) so FLOPs per image do not depend on the batch.
         q = self.q(self.latent.expand(b, -1, -1))
-        q = q.reshape(b, 1, self.heads, self.head_dim).transpose(1, 2)
-        kv = self.kv(x).reshape(b, n, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # -1 for the head count and the width, as in Attention.forward (tensor parallelism).
+        q = q.reshape(b, 1, -1, self.head_dim).transpose(1, 2)
+        kv = self.kv(x).reshape(b, n, 2, -1, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)
-        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, 1, c)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, 1, -1)
         o = self.proj(o)
         o = o + self.mlp(self.norm(o))
         return o[:, 0]

@@ -27,8 +27,9 @@ def fsdp_rows(rows: int) -> int:
 
 def analytic_local(cfg) -> tuple[int, int]:
     """(rank 0's parameter count, the whole model's), tensor by tensor from the architecture:
-    q/k/v, fc1 (weights and biases) split by rows over TP, proj and fc2 weights by columns, every
-    other tensor whole over TP; then dim 0 split over DP."""
+    the q/k/v and fc1 weights and the fc1 bias split by rows over TP, proj and fc2 weights by
+    columns, every other tensor whole over TP (the fused q/k/v bias too: vitscale.parallel.tp);
+    then one dim split over DP, dim 0 (dim 1 of the fused q/k/v weights; the same count)."""
     d, m, hd = cfg.width, cfg.mlp_dim, cfg.width // cfg.heads
     p = cfg.patch if isinstance(cfg.patch, int) else cfg.patch[0]
     tokens = cfg.num_patches + (1 if cfg.class_token and cfg.posemb_include_cls else 0)
@@ -38,7 +39,7 @@ def analytic_local(cfg) -> tuple[int, int]:
     if cfg.class_token:
         tensors.append(((1, 1, d), None))
     norm = [((d,), None)] + ([((d,), None)] if cfg.norm_bias else [])
-    block = list(norm) + [((3 * d, d), 0)] + ([((3 * d,), 0)] if cfg.qkv_bias else [])
+    block = list(norm) + [((3 * d, d), 0)] + ([((3 * d,), None)] if cfg.qkv_bias else [])
     if cfg.qk_norm:
         block += [((hd,), None)] * (4 if cfg.norm_bias else 2)
     block += [((d, d), 1)] + ([((d,), None)] if cfg.proj_bias else [])
@@ -50,7 +51,7 @@ def analytic_local(cfg) -> tuple[int, int]:
     if cfg.pool == "map":
         mm = cfg.map_mlp_dim or m
         tensors += [((1, 1, d), None), ((d, d), 0)] + ([((d,), 0)] if cfg.qkv_bias else [])
-        tensors += [((2 * d, d), 0)] + ([((2 * d,), 0)] if cfg.qkv_bias else [])
+        tensors += [((2 * d, d), 0)] + ([((2 * d,), None)] if cfg.qkv_bias else [])
         tensors += [((d, d), 1)] + ([((d,), None)] if cfg.proj_bias else []) + norm
         tensors += [((mm, d), 0)] + ([((mm,), 0)] if cfg.mlp_bias else [])
         tensors += [((d, mm), 1)] + ([((d,), None)] if cfg.mlp_bias else [])

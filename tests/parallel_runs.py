@@ -41,6 +41,24 @@ def runs() -> dict[str, list[str]]:
     return {f"{m}-{o}": BASE + MODELS[m] + OPTIMIZERS[o] for m in MODELS for o in OPTIMIZERS}
 
 
+# A tiny As-ViT with progressive re-tokenization (stride 8, then 4).
+ASVIT = [o for o in BASE if not o.startswith("model.")] + [
+    "model.name=asvit:4,2,2|2,1,2|2,1,2|2,1,2|8,16", "data.img_size=32", "optim.name=adamw",
+    "retokenize=[[0,8,2],[0.5,4,1]]"]
+
+# Runs of one layout only: name -> (the one-process run it is compared with, or None for one the
+# test runs itself, and its own settings).
+EXTRA = {
+    "asvit": (None, ASVIT),
+    "sp": ("vit22b-adamw", ["parallel.sequence_parallel=true"]),  # needs tp
+    # FSDP mixed precision and autocast
+    "bf16": ("vit22b-adamw", ["parallel.param_dtype=bfloat16", "precision=bf16"]),
+    # Accumulation, EMA, the periodic few-shot evaluator: the training numbers are vit-adamw's.
+    "features": ("vit-adamw", ["accum_steps=2", "ema_decay=0.9", "evals.fewshot.every=5",
+                               "evals.fewshot.shots=[1,2]", "evals.fewshot.seeds=1"]),
+}
+
+
 # Settings a sharded run refuses, each with the words its one-line error must contain.
 REFUSED = {
     "heads": (["model.overrides.heads=3", "model.overrides.width=48", "parallel.tp=2"], "heads"),
@@ -60,8 +78,9 @@ def refusals(out: str) -> None:
 
     dist.init_process_group("gloo")
     for name, (overrides, _) in REFUSED.items():
+        base = [o for o in BASE if not o.startswith("model.overrides.")] if name == "asvit" else BASE
         try:
-            run(None, BASE + overrides + [f"out_dir={Path(out) / name}"])
+            run(None, base + overrides + [f"out_dir={Path(out) / name}"])
             message = "no error"
         except UserError as exc:
             message = str(exc)
@@ -77,7 +96,11 @@ def main(out: str, layout: list[str], only: list[str] | None = None) -> None:
     from vitscale.train import run
 
     dist.init_process_group("gloo")  # kept across the runs (the trainer leaves it alone)
-    for name, overrides in runs().items():
+    extra = [a.removeprefix("--extra=") for a in layout if a.startswith("--extra=")]
+    layout = [a for a in layout if not a.startswith("--extra=")]
+    todo = {**runs(), **{e: (runs()[EXTRA[e][0]] if EXTRA[e][0] else []) + EXTRA[e][1]
+                         for e in extra}}
+    for name, overrides in todo.items():
         if only and name not in only:
             continue
         run(None, overrides + layout + [f"out_dir={Path(out) / name}"])

@@ -423,8 +423,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def validate_TrainConfig(cfg: TrainConfig) -> None:  # noqa: N802 - looked up by class name
     check_ranges(cfg)  # choices (Literal fields) were checked as the values were read
     world = int(os.environ.get("WORLD_SIZE", 1))  # processes of a torchrun run
-    replicate, shard, tp = cfg.parallel.layout(world)
-    replicas = replicate * shard  # data-parallel ranks: the processes of a TP group share examples
+    # A config loads anywhere (inspection, evaluating its run); training refuses a mesh that does
+    # not fit its processes (ParallelConfig.layout, when the Trainer starts, before any write).
+    # Data-parallel ranks: the processes of a tensor-parallel group share their examples.
+    replicas = max(world // cfg.parallel.tp, 1)
     checks = [
         (cfg.epochs > 0 or (cfg.steps or 0) > 0, "epochs", "must be positive (or set steps)"),
         (cfg.data.batch_size % (cfg.accum_steps * replicas) == 0, "data.batch_size",
@@ -432,11 +434,11 @@ def validate_TrainConfig(cfg: TrainConfig) -> None:  # noqa: N802 - looked up by
          + (f" x {replicas} data-parallel processes" if replicas > 1 else "")),
     ]
     cfg.parallel.checkpoint_every()
-    sharded = shard > 1 or tp > 1
+    sharded = cfg.parallel.dp_shard > 1 or cfg.parallel.tp > 1
     if not sharded and (cfg.parallel.param_dtype, cfg.parallel.reduce_dtype) != ("float32", "float32"):
         raise ConfigError("parallel.param_dtype / reduce_dtype apply to FSDP (parallel.dp_shard > 1 "
                           "or parallel.tp > 1); without sharding use precision=bf16 (autocast)")
-    if cfg.parallel.sequence_parallel and tp == 1:
+    if cfg.parallel.sequence_parallel and cfg.parallel.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1 (it shards the "
                           "token sequence across a tensor-parallel group)")
     for ok, key, message in checks:

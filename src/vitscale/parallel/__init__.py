@@ -34,7 +34,7 @@ def parallelize(model: nn.Module, mesh, layout: Layout, cfg, train: bool = True)
     if layout.tp > 1:
         from vitscale.parallel.tp import apply_tp, check_tp
 
-        check_tp(model, layout.tp, cfg.sequence_parallel)
+        check_tp(model, layout.tp, cfg.sequence_parallel, dp_shard=layout.dp_shard)
         apply_tp(model, mesh["tp"], cfg.sequence_parallel)
     if train:
         apply_activation_checkpointing(blocks, cfg.checkpoint_every())
@@ -43,4 +43,5 @@ def parallelize(model: nn.Module, mesh, layout: Layout, cfg, train: bool = True)
     if mesh is not None and layout.sharded:
         dp = fsdp_mesh(mesh, layout)
         if dp is not None:
-            apply_fsdp(model, blocks, dp, cfg.param_dtype, cfg.reduce_dtype)
+            apply_fsdp(model, blocks, dp, cfg.param_dtype, cfg.reduce_dtype,
+                       tensor_parallel=layout.tp > 1)

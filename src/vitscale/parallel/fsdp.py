@@ -14,16 +14,24 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def apply_fsdp(model: nn.Module, blocks: list[nn.Module], mesh, param_dtype: str = "float32",
-               reduce_dtype: str = "float32") -> None:
+               reduce_dtype: str = "float32", tensor_parallel: bool = False) -> None:
     """Shard `model` in place. param_dtype: the dtype parameters are gathered in for forward and
     backward (the fp32 shards stay the master weights); reduce_dtype: the dtype of the gradient
-    reduction."""
+    reduction. `tensor_parallel`: the model went through `tp.apply_tp` (2-D FSDP x TP), whose
+    fused qkv / kv weights FSDP must shard on dim 1 (see tp.fsdp_shard_placement)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    from vitscale.parallel import tp
+
     policy = MixedPrecisionPolicy(param_dtype=_DTYPES[param_dtype], reduce_dtype=_DTYPES[reduce_dtype])
+    options = dict(mesh=mesh, mp_policy=policy)
+    if tensor_parallel:
+        options["shard_placement_fn"] = tp.fsdp_shard_placement
     for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+    if tensor_parallel:
+        tp.check_fsdp_layout(model)
     # FSDP2 warns when the root returns a view (the class token / pooled slice): an in-place op
     # on it would skip a hook. The trainer and evaluators never write into the logits.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 
@@ -23,20 +22,15 @@ def build_on_meta(build: Callable[[], nn.Module]) -> nn.Module:
 
 def materialize(model: nn.Module, device: torch.device, source: nn.Module | None) -> None:
     """Allocate the local shards of a sharded meta `model` on `device` and fill them from
-    `source`, the whole model on rank 0 (None elsewhere): parameters and persistent buffers
-    through the distributed state-dict API, non-persistent buffers (e.g. fixed sin-cos position
-    embeddings) by broadcast."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    `source`, the whole model on rank 0 (None elsewhere): every parameter and buffer (the
+    non-persistent ones too, e.g. fixed sin-cos position embeddings) broadcast in turn, each
+    process keeping its own shard (`tp.load_full_state`, which knows the per-head layout of
+    tensor-parallel fused weights)."""
+    from vitscale.parallel.tp import load_full_state, reduce_replicated_grads
 
     model.to_empty(device=device)
-    full = source.state_dict() if source is not None else {}
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
-                                                               broadcast_from_rank0=True))
-    own = dict(source.named_buffers()) if source is not None else {}
-    persistent = set(model.state_dict())
-    for name, buffer in model.named_buffers():
-        if name in persistent:
-            continue
-        if source is not None:
-            buffer.copy_(own[name])
-        dist.broadcast(buffer, src=0)
+    reduce_replicated_grads(model)  # to_empty replaced the parameters, and their hooks
+    full = None
+    if source is not None:
+        full = {**dict(source.named_parameters()), **dict(source.named_buffers())}
+    load_full_state(model, full)

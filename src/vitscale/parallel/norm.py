@@ -19,7 +19,12 @@ def _local_and_copies(grad: torch.Tensor, world: int) -> tuple[torch.Tensor, int
 
     if not isinstance(grad, DTensor):
         return grad, world
-    shards = math.prod(grad.device_mesh.size(i) for i, p in enumerate(grad.placements) if p.is_shard())
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    # A tensor-parallel fused weight's per-head layout (_StridedShard) is a shard too, although
+    # its is_shard() says no.
+    shards = math.prod(grad.device_mesh.size(i) for i, p in enumerate(grad.placements)
+                       if p.is_shard() or isinstance(p, _StridedShard))
     return grad.to_local(), world // shards
 
 

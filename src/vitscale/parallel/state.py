@@ -46,14 +46,17 @@ def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def split_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+def split_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
                 ema: nn.Module | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """({flat key: tensor or DTensor} for DCP, the optimizer's JSON part)."""
+    """({flat key: the live tensor or DTensor}, the optimizer's JSON part): the model's, the
+    EMA's and the optimizer's tensors under `model.`, `ema.` and `optim.` keys."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     tensors = {f"{MODEL}.{k}": v for k, v in get_model_state_dict(model).items()}
     if ema is not None:
         tensors.update({f"{EMA}.{k}": v for k, v in get_model_state_dict(ema).items()})
+    if optimizer is None:
+        return tensors, {}
     opt = _optim_state(model, optimizer)
     scalars: dict[str, dict[str, Any]] = {}
     for fqn, pstate in opt["state"].items():
@@ -68,11 +71,14 @@ def split_state(model: nn.Module, optimizer: torch.optim.Optimizer,
 def save_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                  ema: nn.Module | None) -> dict[str, Any]:
     """Every process writes its shards into the folder `path` (collective); returns the
-    optimizer's JSON part."""
+    optimizer's JSON part. Tensor-parallel fused weights are stored in a contiguous layout
+    (tp.dcp_layout: the same values)."""
     import torch.distributed.checkpoint as dcp
 
+    from vitscale.parallel.tp import dcp_layout
+
     tensors, meta = split_state(model, optimizer, ema)
-    dcp.save(tensors, checkpoint_id=str(path))
+    dcp.save({k: dcp_layout(v) for k, v in tensors.items()}, checkpoint_id=str(path))
     return meta
 
 
@@ -86,24 +92,23 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer 
         set_optimizer_state_dict,
     )
 
+    from vitscale.parallel.tp import dcp_layout, restore_layout
+
     if optimizer is not None:
         ensure_optimizer_state(optimizer)
-        tensors, _ = split_state(model, optimizer, ema)
-    else:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        tensors = {f"{MODEL}.{k}": v for k, v in get_model_state_dict(model).items()}
-        if ema is not None:
-            tensors.update({f"{EMA}.{k}": v for k, v in get_model_state_dict(ema).items()})
-    dcp.load(tensors, checkpoint_id=str(path))
+    live, _ = split_state(model, optimizer, ema)
+    stored = {k: dcp_layout(v) for k, v in live.items()}
+    dcp.load(stored, checkpoint_id=str(path))  # in place
+    for key, tensor in live.items():
+        restore_layout(tensor, stored[key])
     options = StateDictOptions(strict=True)
-    set_model_state_dict(model, _under(tensors, MODEL), options=options)
+    set_model_state_dict(model, _under(live, MODEL), options=options)
     if ema is not None:
-        set_model_state_dict(ema, _under(tensors, EMA), options=options)
+        set_model_state_dict(ema, _under(live, EMA), options=options)
     if optimizer is None or optimizer_meta is None:
         return
     state: dict[str, dict[str, Any]] = {}
-    for key, value in _under(tensors, OPTIM).items():
+    for key, value in _under(live, OPTIM).items():
         fqn, name = key.rsplit(".", 1)
         state.setdefault(fqn, {})[name] = value
     for fqn, values in optimizer_meta["scalars"].items():

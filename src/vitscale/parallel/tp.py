@@ -388,8 +388,18 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = False) -> None
     if leftover:  # a model part this plan does not know: refuse rather than mix
         raise ConfigError(f"tensor parallelism does not cover the parameters {leftover[:4]}; use "
                           "parallel.dp_shard (FSDP) instead of parallel.tp")
+    if not any(p.is_meta for p in model.parameters()):
+        reduce_replicated_grads(model)  # on meta: after `to_empty` (init.materialize does)
+
+
+def reduce_replicated_grads(model: nn.Module) -> None:
+    """Give every replicated DTensor parameter a gradient hook that makes its gradient
+    Replicate() too (see _reduce_partial_grad). Not before `to_empty`: it swaps each DTensor's
+    storage and Python attributes, which leaves a hook registered earlier listed but no longer
+    called, and a later registration into that list is not called either (measured)."""
     for param in model.parameters():
-        if param.requires_grad and all(p.is_replicate() for p in param.placements):
+        if param.requires_grad and isinstance(param, DTensor) \
+                and all(p.is_replicate() for p in param.placements):
             param.register_hook(partial(_reduce_partial_grad, tuple(param.placements)))
 
 

@@ -14,7 +14,8 @@ BASE = [
     "model.overrides.heads=4", "model.overrides.mlp_dim=128", "model.overrides.dropout=0.0",
     "data.img_size=16", "data.batch_size=16", "data.eval_batch_size=64", "data.augment=light1",
     "data.flip=false", "data.mixup_alpha=0.0", "schedule.warmup_steps=2", "steps=10",
-    "log_every=1", "eval_every=10", "ckpt_every=10", "progress=false", "device=cpu",
+    "log_every=1", "eval_every=10", "ckpt_every=5", "keep_checkpoints=3", "progress=false",
+    "device=cpu",
 ]
 MODELS = {
     # ViT-22B's shape: parallel blocks, QK-norm, no biases, a MAP head, no class token.
@@ -51,6 +52,11 @@ ASVIT = [o for o in BASE if not o.startswith("model.")] + [
 EXTRA = {
     "asvit": (None, ASVIT),
     "sp": ("vit22b-adamw", ["parallel.sequence_parallel=true"]),  # needs tp
+    "sp-ac": ("vit22b-adamw", ["parallel.sequence_parallel=true",
+                               "parallel.activation_checkpointing=full"]),
+    # tests/test_parallel.py's SIGKILL test resumes this run (drop-path draws, EMA).
+    "resume": ("vit22b-adamw", ["steps=9", "ckpt_every=3", "ema_decay=0.9",
+                                "model.overrides.drop_path=0.1"]),
     # FSDP mixed precision and autocast
     "bf16": ("vit22b-adamw", ["parallel.param_dtype=bfloat16", "precision=bf16"]),
     # Accumulation, EMA, the periodic few-shot evaluator: the training numbers are vit-adamw's.
@@ -69,50 +75,61 @@ REFUSED = {
 }
 
 
-def refusals(out: str) -> None:
+# What each multi-process launch of tests/test_parallel.py trains: {layout name: (processes,
+# parallel.* settings, runs)}. On 2 processes every (model, optimizer) pair; on 4 (two processes
+# per core of a development machine) each optimizer once, both model shapes.
+ALL = list(runs())
+FOUR = ["vit22b-adafactor_bv", "vit22b-adam_bf16", "vit-adamw", "vit-sgd"]
+LAUNCHES = {
+    "two": (2, {"fsdp2": (["parallel.dp_shard=2"], ALL + ["bf16", "features", "asvit", "resume"]),
+                "tp2": (["parallel.tp=2"], ALL + ["sp"])}),
+    "four": (4, {"fsdp2xtp2": (["parallel.dp_shard=2", "parallel.tp=2"], FOUR + ["sp-ac"]),
+                 "hsdp2x2": (["parallel.dp_replicate=2", "parallel.dp_shard=2"], FOUR)}),
+}
+
+
+def settings(name: str) -> list[str]:
+    """The settings of a run of `runs()` or `EXTRA` by name."""
+    if name in EXTRA:
+        base, own = EXTRA[name]
+        return (runs()[base] if base else []) + own
+    return runs()[name]
+
+
+def refusals(out: Path) -> None:
     """Try each REFUSED setting; print `name: message` for each UserError (rank 0)."""
     import torch.distributed as dist
 
     from vitscale.errors import UserError
     from vitscale.train import run
 
-    dist.init_process_group("gloo")
     for name, (overrides, _) in REFUSED.items():
         base = [o for o in BASE if not o.startswith("model.overrides.")] if name == "asvit" else BASE
         try:
-            run(None, base + overrides + [f"out_dir={Path(out) / name}"])
+            run(None, base + overrides + [f"out_dir={out / name}"])
             message = "no error"
         except UserError as exc:
             message = str(exc)
         if dist.get_rank() == 0:
-            print(f"{name}: {message}", flush=True)
+            print(f"refused {name}: {message}", flush=True)
         dist.barrier()
-    dist.destroy_process_group()
 
 
-def main(out: str, layout: list[str], only: list[str] | None = None) -> None:
+def main(out: str, launch: str) -> None:
+    """Every run of LAUNCHES[launch] into OUT/<layout>/<run>, then (on 2 processes) the refused
+    settings into OUT/refused/<name>."""
     import torch.distributed as dist
 
     from vitscale.train import run
 
     dist.init_process_group("gloo")  # kept across the runs (the trainer leaves it alone)
-    extra = [a.removeprefix("--extra=") for a in layout if a.startswith("--extra=")]
-    layout = [a for a in layout if not a.startswith("--extra=")]
-    todo = {**runs(), **{e: (runs()[EXTRA[e][0]] if EXTRA[e][0] else []) + EXTRA[e][1]
-                         for e in extra}}
-    for name, overrides in todo.items():
-        if only and name not in only:
-            continue
-        run(None, overrides + layout + [f"out_dir={Path(out) / name}"])
+    for layout, (parallel, names) in LAUNCHES[launch][1].items():
+        for name in names:
+            run(None, settings(name) + parallel + [f"out_dir={Path(out) / layout / name}"])
+    if launch == "two":
+        refusals(Path(out) / "refused")
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if args[0] == "--refusals":
-        refusals(args[1])
-        sys.exit(0)
-    only = args[args.index("--only") + 1].split(",") if "--only" in args else None
-    if only:
-        args = args[:args.index("--only")]
-    main(args[0], args[1:], only)
+    main(*sys.argv[1:3])

@@ -1,8 +1,10 @@
 """vitscale.parallel through `vitscale train`: every sharded layout follows the one-process run.
 
-Each layout is one torchrun launch (gloo, CPU) that trains the 8 runs of tests/parallel_runs.py
-(two model shapes x the four optimizers) for 10 steps; the loss of every step and the final
-weights must match the same runs in one process."""
+Two torchrun launches (gloo, CPU; tests/parallel_runs.py LAUNCHES) train FSDP 2 and TP 2 on two
+processes, FSDP x TP 2 x 2 and HSDP 2 x 2 on four, each run 10 steps of a ViT-22B-shaped model
+(parallel blocks, QK-norm, no biases, MAP head) or a class-token ViT with one of the four
+optimizers; the loss of every step and the final weights must match the same run in one
+process."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from parallel_runs import BASE, runs  # tests/ is on sys.path (pytest's rootdir insertion)
+from parallel_runs import BASE, EXTRA, LAUNCHES, REFUSED, runs, settings  # tests/ is on sys.path
 from vitscale.models import load
 from vitscale.train import run
 
@@ -38,6 +40,27 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows if "split" not in r]
 
 
+def weights(run_dir: Path, folder: str = "model") -> dict[str, torch.Tensor]:
+    return load(run_dir / folder).state_dict()
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """launched(name) -> (the folder of that torchrun launch of parallel_runs.py, its stdout),
+    run once per test module."""
+    done: dict[str, tuple[Path, str]] = {}
+
+    def launch(name: str) -> tuple[Path, str]:
+        if name not in done:
+            out = tmp_path_factory.mktemp(name)
+            proc = torchrun(LAUNCHES[name][0], str(WORKER), str(out), name)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            done[name] = out, proc.stdout
+        return done[name]
+
+    return launch
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("single")
@@ -46,19 +69,16 @@ def single(tmp_path_factory) -> Path:
     return out
 
 
-def assert_follows(sharded: Path, single: Path) -> None:
-    for name in runs():
-        optimizer = name.split("-", 1)[1]
-        ref, got = losses(single / name), losses(sharded / name)
-        assert len(got) == len(ref) == 10, name
-        torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), atol=1e-5, rtol=0,
-                                   msg=f"{name}: loss trajectory")
-        theirs = load(single / name / "model").state_dict()
-        ours = load(sharded / name / "model").state_dict()
-        for key, value in theirs.items():
-            torch.testing.assert_close(compared(key, ours[key], optimizer),
-                                       compared(key, value, optimizer), atol=ATOL[optimizer],
-                                       rtol=0, msg=f"{name}: {key}")
+def assert_run_follows(got: Path, ref: Path, optimizer: str) -> None:
+    want, have = losses(ref), losses(got)
+    assert len(have) == len(want) == 10, got
+    torch.testing.assert_close(torch.tensor(have), torch.tensor(want), atol=1e-5, rtol=0,
+                               msg=f"{got.name}: loss trajectory")
+    theirs, ours = weights(ref), weights(got)
+    for key, value in theirs.items():
+        torch.testing.assert_close(compared(key, ours[key], optimizer),
+                                   compared(key, value, optimizer), atol=ATOL[optimizer],
+                                   rtol=0, msg=f"{got}: {key}")
 
 
 def compared(key: str, t: torch.Tensor, optimizer: str) -> torch.Tensor:
@@ -72,41 +92,32 @@ def compared(key: str, t: torch.Tensor, optimizer: str) -> torch.Tensor:
     return t
 
 
-@pytest.mark.parametrize("nproc, layout", [
-    (2, ["parallel.dp_shard=2", "--extra=bf16", "--extra=features", "--extra=asvit"]),
-    (2, ["parallel.tp=2", "--extra=sp"]),
-    (4, ["parallel.dp_shard=2", "parallel.tp=2"]),
-    (4, ["parallel.dp_replicate=2", "parallel.dp_shard=2"]),
-], ids=["fsdp2", "tp2", "fsdp2xtp2", "hsdp2x2"])
-def test_sharded_layout_follows_one_process(tmp_path, single, nproc, layout):
-    from parallel_runs import EXTRA
+LAYOUTS = [(launch, layout) for launch, (_, layouts) in LAUNCHES.items() for layout in layouts]
 
-    proc = torchrun(nproc, str(WORKER), str(tmp_path), *layout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_follows(tmp_path, single)
-    extra = [a.removeprefix("--extra=") for a in layout if a.startswith("--extra=")]
-    if "sp" in extra:  # sequence parallel: the same numbers
-        ref = single / EXTRA["sp"][0]
-        torch.testing.assert_close(torch.tensor(losses(tmp_path / "sp")), torch.tensor(losses(ref)),
-                                   atol=1e-5, rtol=0)
-        ours, theirs = weights(tmp_path / "sp"), weights(ref)
-        for key in theirs:
-            torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0, msg=key)
-    if "asvit" in extra:  # FSDP over As-ViT stages, re-tokenized half way
-        run(None, EXTRA["asvit"][1] + [f"out_dir={tmp_path / 'asvit-single'}"])
-        ours, theirs = weights(tmp_path / "asvit"), weights(tmp_path / "asvit-single")
-        for key in theirs:
-            torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0, msg=key)
-        last = [r for r in map(json.loads, (tmp_path / "asvit" / "metrics.jsonl").open())
+
+@pytest.mark.parametrize("launch, layout", LAYOUTS, ids=[layout for _, layout in LAYOUTS])
+def test_sharded_layout_follows_one_process(launched, single, tmp_path, launch, layout):
+    out, _ = launched(launch)
+    nproc, layouts = LAUNCHES[launch]
+    names = layouts[layout][1]
+    for name in (n for n in names if n in runs()):
+        assert_run_follows(out / layout / name, single / name, name.split("-", 1)[1])
+    state = json.loads((out / layout / names[0] / "checkpoints" / "step-000000010" / "state.json")
+                       .read_text())
+    assert state["format"] == "dcp" and len(state["rng_per_process"]) == nproc
+    got = out / layout
+    for name in {"sp", "sp-ac"} & set(names):  # sequence parallel (+ checkpointing): the same
+        assert_run_follows(got / name, single / EXTRA[name][0], "adamw")
+    if "asvit" in names:  # FSDP over As-ViT stages, re-tokenized half way
+        run(None, settings("asvit") + [f"out_dir={tmp_path / 'asvit'}"])
+        assert_run_follows(got / "asvit", tmp_path / "asvit", "adamw")
+        last = [r for r in map(json.loads, (got / "asvit" / "metrics.jsonl").open())
                 if "tokenizer" in r][-1]
         assert last["tokenizer"] == [4, 1]
-    if "features" in extra:
-        ref = single / EXTRA["features"][0]
-        ours, theirs = weights(tmp_path / "features"), weights(ref)
-        for key in theirs:
-            torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0, msg=key)
-        assert (tmp_path / "features" / "model_ema" / "model.safetensors").is_file()
-        rows = [json.loads(line) for line in (tmp_path / "features" / "metrics.jsonl").open()]
+    if "features" in names:  # accumulation, EMA, the periodic few-shot evaluator
+        assert_run_follows(got / "features", single / EXTRA["features"][0], "adamw")
+        assert (got / "features" / "model_ema" / "model.safetensors").is_file()
+        rows = [json.loads(line) for line in (got / "features" / "metrics.jsonl").open()]
         shots = [r for r in rows if r.get("split") == "fewshot"]
         assert [r["step"] for r in shots] == [5, 10] and 0 < shots[-1]["fewshot/2shot"] <= 1
         # The few-shot row of the final weights equals the standalone evaluator's on model/.
@@ -114,50 +125,38 @@ def test_sharded_layout_follows_one_process(tmp_path, single, nproc, layout):
         from vitscale.data import build_data
         from vitscale.eval import fewshot_model
 
-        cfg = load_config(tmp_path / "features" / "config.yaml")
-        alone = fewshot_model(load(tmp_path / "features" / "model"), build_data(cfg.data, cfg.seed),
+        cfg = load_config(got / "features" / "config.yaml")
+        alone = fewshot_model(load(got / "features" / "model"), build_data(cfg.data, cfg.seed),
                               [1, 2], 1)
         assert shots[-1]["fewshot/2shot"] == pytest.approx(alone["results"][1]["mean"], abs=1e-9)
-    if "bf16" in extra:  # bf16 gathered weights, fp32 reduction and master weights
-        ref = single / EXTRA["bf16"][0]
-        got, want = losses(tmp_path / "bf16"), losses(ref)
-        assert got != want  # the forward really ran in bf16
-        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=2e-2, rtol=0)
-        assert all(t.dtype == torch.float32 for t in weights(tmp_path / "bf16").values())
-    state = json.loads((tmp_path / "vit-adamw" / "checkpoints" / "step-000000010" / "state.json")
-                       .read_text())
-    assert state["format"] == "dcp" and len(state["rng_per_process"]) == nproc
+    if "bf16" in names:  # bf16 gathered weights and autocast; fp32 reduction and master weights
+        have, want = losses(got / "bf16"), losses(single / EXTRA["bf16"][0])
+        assert have != want  # the forward really ran in bf16
+        torch.testing.assert_close(torch.tensor(have), torch.tensor(want), atol=2e-2, rtol=0)
+        assert all(t.dtype == torch.float32 for t in weights(got / "bf16").values())
 
 
 # ------------------------------------------------------------------ sharded checkpoints
-RESUME = runs()["vit22b-adamw"] + ["steps=12", "ckpt_every=3", "ema_decay=0.9",
-                                     "model.overrides.drop_path=0.1"]
+RESUME = settings("resume")
 
 
 def train_cmd(out: Path, *extra: str) -> list[str]:
     return ["-m", "vitscale.cli", "train", *RESUME, *extra, f"out_dir={out}"]
 
 
-def weights(run_dir: Path, folder: str = "model") -> dict[str, torch.Tensor]:
-    return load(run_dir / folder).state_dict()
-
-
-def test_sharded_checkpoint_sigkill_resume_and_other_meshes(tmp_path):
+def test_sharded_sigkill_then_resume_is_bitwise_identical(tmp_path, launched):
     import random
-    import shutil
     import signal
     import time
 
-    layout = ["parallel.dp_shard=4"]
-    reference = tmp_path / "reference"
-    proc = torchrun(4, *train_cmd(reference, *layout))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    layout = LAUNCHES["two"][1]["fsdp2"][0]
+    reference = launched("two")[0] / "fsdp2" / "resume"  # the same run, uninterrupted
 
     # SIGKILL the whole torchrun process group once a random checkpoint is in place.
     killed = tmp_path / "killed"
     target = random.choice([3, 6])  # not the last checkpoint: the run must still be going
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            *train_cmd(killed, *layout)]
     runner = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               start_new_session=True)
@@ -170,7 +169,7 @@ def test_sharded_checkpoint_sigkill_resume_and_other_meshes(tmp_path):
     os.killpg(runner.pid, signal.SIGKILL)
     runner.wait()
     assert not (killed / "model").exists(), "the run finished before it could be killed"
-    proc = torchrun(4, *train_cmd(killed, *layout))  # the same command resumes
+    proc = torchrun(2, *train_cmd(killed, *layout))  # the same command resumes
     assert proc.returncode == 0, proc.stderr[-3000:]
     for folder in ("model", "model_ema"):
         ours, theirs = weights(killed, folder), weights(reference, folder)
@@ -181,27 +180,34 @@ def test_sharded_checkpoint_sigkill_resume_and_other_meshes(tmp_path):
     assert steps == [json.loads(line)["step"]
                      for line in (reference / "metrics.jsonl").read_text().splitlines()]
 
-    # The step-6 checkpoint of the 4-process run, resumed by 2 processes and by one: DCP
-    # reshards every tensor; without dropout the runs continue as the 4-process one.
+
+def test_sharded_checkpoint_resumes_on_other_meshes(tmp_path, launched):
+    """The step-5 checkpoint of a 4-process FSDP x TP run, resumed by 2 processes (FSDP only)
+    and by one: DCP reshards every tensor, and the runs end where the 4-process one did."""
+    import shutil
+
+    source = launched("four")[0] / "fsdp2xtp2" / "vit-adamw"
+    overrides = runs()["vit-adamw"]
     for nproc in (2, 1):
         other = tmp_path / f"on-{nproc}"
-        shutil.copytree(reference, other, ignore=shutil.ignore_patterns("model", "model_ema"))
-        for step in (9, 12):
-            shutil.rmtree(other / "checkpoints" / f"step-{step:09d}", ignore_errors=True)
-        (other / "checkpoints" / "latest").write_text("step-000000006\n")
-        extra = ["model.overrides.drop_path=0.0"]
+        shutil.copytree(source, other, ignore=shutil.ignore_patterns("model", "model_ema"))
+        shutil.rmtree(other / "checkpoints" / "step-000000010")
+        (other / "checkpoints" / "latest").write_text("step-000000005\n")
         if nproc == 1:
-            result = run(None, RESUME + extra + [f"out_dir={other}"])
-            assert result.step == 12
+            assert run(None, overrides + [f"out_dir={other}"]).step == 10
         else:
-            proc = torchrun(nproc, *train_cmd(other, "parallel.dp_shard=2", *extra))
+            proc = torchrun(nproc, "-m", "vitscale.cli", "train", *overrides, "parallel.dp_shard=2",
+                            f"out_dir={other}")
             assert proc.returncode == 0, proc.stderr[-3000:]
+            assert "written by 4 process(es), with 2" in proc.stderr
             assert "exact only up to them" in proc.stderr
-    # The reference had drop-path: the continued runs differ from it by that; they must agree
-    # with each other (the same weights, optimizer state and data after step 6).
-    on2, on1 = weights(tmp_path / "on-2"), weights(tmp_path / "on-1")
-    for key in on1:
-        torch.testing.assert_close(on2[key], on1[key], atol=1e-5, rtol=0, msg=key)
+        assert losses(other)[:5] == losses(source)[:5]  # kept from before the checkpoint
+        torch.testing.assert_close(torch.tensor(losses(other)), torch.tensor(losses(source)),
+                                   atol=1e-5, rtol=0)
+        ours, theirs = weights(other), weights(source)
+        for key in theirs:
+            torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0,
+                                       msg=f"{nproc} {key}")
 
 
 # ------------------------------------------------------------------ settings refused
@@ -224,15 +230,14 @@ def test_parallel_settings_without_torchrun_are_one_line_errors(tmp_path, capsys
         assert not out.exists()
 
 
-def test_sharded_settings_a_model_cannot_take_are_one_line_errors(tmp_path):
-    from parallel_runs import REFUSED
-
-    proc = torchrun(2, str(WORKER), "--refusals", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
+def test_sharded_settings_a_model_cannot_take_are_one_line_errors(launched):
+    out, stdout = launched("two")  # the 2-process launch tries them after its runs
+    lines = dict(line.removeprefix("refused ").split(": ", 1) for line in stdout.splitlines()
+                 if line.startswith("refused "))
     for name, (_, words) in REFUSED.items():
         assert words in lines.get(name, ""), (name, lines.get(name))
-        assert not (tmp_path / name).exists(), name
+        assert "\n" not in lines[name]
+        assert not (out / "refused" / name).exists(), name
 
 
 # ------------------------------------------------------------------ meta-device construction

@@ -1,7 +1,7 @@
 """Tensor parallelism (parallel/tp.py): check_tp's one-line errors (no processes), then TP = 2
-and FSDP2 x TP (2 x 2) on CPU with gloo against one-process runs of the same models
-(tests/tp_worker.py: forward, loss, every gradient, state dict, checkpoints), and the exact
-collectives per block."""
+on CPU with gloo against one-process runs of the same models (tests/tp_worker.py: forward,
+loss, every gradient, state dict, checkpoints), and the exact collectives per block. FSDP2 x TP
+through the trainer: tests/test_parallel.py."""
 
 from __future__ import annotations
 
@@ -140,11 +140,3 @@ def test_tp2_matches_one_process(monkeypatch):
                                          "shard_masks_differ": False, "global_rng_moved": True}
 
 
-def test_fsdp_x_tp_matches_one_process(monkeypatch):
-    """2 x 2 (dp_shard x tp): apply_tp, then fully_shard per block and the root (with
-    fsdp_shard_placement); the ViT-22B-style model with and without SP (the latter with
-    activation checkpointing), against the one-process run on the whole batch."""
-    result = spawn("fsdp_tp", 4, monkeypatch)
-    for name in ("parallel", "parallel_sp"):
-        assert result[name]["qkv_placements"] == ["S(1)", "_S(0, 3)"]
-        assert result[name]["dcp_layout"] == ["S(1)", "S(0)"]

@@ -1,7 +1,9 @@
-"""Worker processes for tests/test_parallel_tp.py: tensor parallelism (TP = 2) and FSDP2 x TP
-(2 x 2) on CPU with gloo, every check against a one-process run of the same model with the same
-weights, computed in the worker itself. A failed check raises (torch.multiprocessing.spawn
-re-raises it in the test); rank 0 writes the measurements to `out`/result.json."""
+"""Worker processes for tests/test_parallel_tp.py: tensor parallelism (TP = 2) on CPU with
+gloo, every check against a one-process run of the same model with the same weights, computed
+in the worker itself. A failed check raises (torch.multiprocessing.spawn re-raises it in the
+test); rank 0 writes the measurements to `out`/result.json. OMP_NUM_THREADS=1 is set by the
+test for the workers, never here: importing this module in the test process would change it
+for every later subprocess (and break bitwise comparisons with in-process runs)."""
 
 from __future__ import annotations
 
@@ -11,15 +13,13 @@ import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from vitscale.errors import ConfigError  # noqa: E402
-from vitscale.models.config import ModelConfig  # noqa: E402
-from vitscale.models.vit import VisionTransformer  # noqa: E402
+from vitscale.errors import ConfigError
+from vitscale.models.config import ModelConfig
+from vitscale.models.vit import VisionTransformer
 
 ATOL = 1e-5
 TINY = dict(img_size=16, patch=4, width=64, depth=2, heads=4, mlp_dim=128, num_classes=10)
@@ -280,91 +280,10 @@ def tp2(rank: int, world: int, init: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def shard(model, mesh) -> None:
-    """parallel.fsdp's order (blocks, then the root), with the TP model's shard placements."""
-    from torch.distributed.fsdp import fully_shard
-
-    from vitscale.parallel.tp import fsdp_shard_placement
-
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh["dp_shard"], shard_placement_fn=fsdp_shard_placement)
-    fully_shard(model, mesh=mesh["dp_shard"], reshard_after_forward=False,
-                shard_placement_fn=fsdp_shard_placement)
-
-
-def fsdp_tp(rank: int, world: int, init: str, out: str) -> None:
-    """2 x 2 (dp_shard x tp): apply_tp on mesh['tp'], then fully_shard per block and the root
-    on mesh['dp_shard'] (parallel.fsdp's order); each dp rank takes half of the batch."""
-    from functools import partial
-
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.utils.checkpoint import checkpoint
-
-    from vitscale.parallel.tp import apply_tp, check_fsdp_layout, dcp_layout, load_full_state
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp_shard", "tp"))
-        dp = mesh["dp_shard"].get_local_rank()
-        _debug(rank, "start")
-        result = {}
-        for name in ("parallel", "parallel_sp"):
-            settings, sp = VARIANTS[name]
-            # No drop-path: a dp rank draws masks for its half of the batch only.
-            ref = build({**settings, "drop_path": 0.0})
-            model = copy.deepcopy(ref)
-            apply_tp(model, mesh["tp"], sequence_parallel=sp)
-            if sp:  # with activation checkpointing too (parallel.checkpointing's wrapping)
-                for block in model.blocks:
-                    block.forward = partial(checkpoint, block.forward, use_reentrant=False)
-            shard(model, mesh)
-            check_fsdp_layout(model)
-            # The same layout built on meta and filled from the full weights on rank 0.
-            with torch.device("meta"):
-                meta = VisionTransformer(ref.cfg)
-            apply_tp(meta, mesh["tp"], sequence_parallel=sp)
-            shard(meta, mesh)
-            meta.to_empty(device="cpu")
-            source = {**dict(ref.named_parameters()), **dict(ref.named_buffers())}
-            load_full_state(meta, source if rank == 0 else None)
-            for (k, v), w in zip(meta.state_dict().items(), model.state_dict().values()):
-                assert v.placements == w.placements and torch.equal(v.to_local(), w.to_local()), \
-                    f"{name}: load_full_state {k}"
-            for k, v in model.state_dict().items():
-                assert v.device_mesh.ndim == 2, f"{name}: {k} not on the 2-D mesh"
-                assert torch.equal(v.full_tensor(), ref.state_dict()[k]), f"{name}: {k} values"
-            images, labels = batch(4)
-            out_ref, _ = step(ref, images, labels)
-            half = slice(2 * dp, 2 * dp + 2)
-            logits, _ = step(model, images[half], labels[half])
-            close(f"fsdp x tp {name} output", logits, out_ref[half])
-            ref_params = dict(ref.named_parameters())
-            for pname, p in model.named_parameters():
-                close(f"fsdp x tp {name} grad {pname}", p.grad, ref_params[pname].grad)
-            # One foreach optimizer step on the 2-D DTensors, against the one-process step (SGD:
-            # Adam's first step, lr * sign(grad), would magnify rounding in tiny gradients).
-            for m in (model, ref):
-                torch.optim.SGD(m.parameters(), lr=0.1, weight_decay=0.1, foreach=True).step()
-            for pname, p in model.named_parameters():
-                close(f"fsdp x tp {name} after a step {pname}", p, ref_params[pname])
-            qkv = model.blocks[0].attn.qkv.weight
-            stored = dcp_layout(qkv)
-            assert not any("Strided" in type(p).__name__ for p in stored.placements)
-            assert torch.equal(stored.full_tensor(), qkv.full_tensor())
-            result[name] = {"qkv_placements": [str(p) for p in qkv.placements],
-                            "dcp_layout": [str(p) for p in stored.placements]}
-            _debug(rank, f"fsdp x tp {name}")
-        if rank == 0:
-            (Path(out) / "result.json").write_text(json.dumps(result, indent=1))
-    finally:
-        dist.destroy_process_group()
-
-
 def main(rank: int, world: int, init: str, out: str, which: str, timeout: float = 120) -> None:
     import faulthandler
 
     # A deadlocked collective would hang the test: dump the stacks and exit instead.
     faulthandler.dump_traceback_later(timeout, exit=True)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    {"tp2": tp2, "fsdp_tp": fsdp_tp}[which](rank, world, init, out)
+    {"tp2": tp2}[which](rank, world, init, out)

@@ -12,9 +12,9 @@ from pathlib import Path
 BASE = [
     "model.name=Ti/4", "model.overrides.width=64", "model.overrides.depth=2",
     "model.overrides.heads=4", "model.overrides.mlp_dim=128", "model.overrides.dropout=0.0",
-    "data.img_size=16", "data.batch_size=16", "data.eval_batch_size=64", "data.augment=light1",
+    "data.img_size=16", "data.batch_size=16", "data.eval_batch_size=512", "data.augment=light1",
     "data.flip=false", "data.mixup_alpha=0.0", "schedule.warmup_steps=2", "steps=10",
-    "log_every=1", "eval_every=10", "ckpt_every=5", "keep_checkpoints=3", "progress=false",
+    "log_every=1", "eval_every=10", "ckpt_every=10", "keep_checkpoints=3", "progress=false",
     "device=cpu",
 ]
 MODELS = {
@@ -51,9 +51,12 @@ ASVIT = [o for o in BASE if not o.startswith("model.")] + [
 # test runs itself, and its own settings).
 EXTRA = {
     "asvit": (None, ASVIT),
-    "sp": ("vit22b-adamw", ["parallel.sequence_parallel=true"]),  # needs tp
-    "sp-ac": ("vit22b-adamw", ["parallel.sequence_parallel=true",
-                               "parallel.activation_checkpointing=full"]),
+    # Sequence parallelism (needs tp) and activation checkpointing change no number.
+    "sp": ("vit22b-adafactor_bv", ["parallel.sequence_parallel=true"]),
+    "sp-ac": ("vit22b-adam_bf16", ["parallel.sequence_parallel=true",
+                                   "parallel.activation_checkpointing=full"]),
+    # The 4-process checkpoint tests/test_parallel.py resumes on other meshes.
+    "mesh-source": ("vit-adamw", ["ckpt_every=5"]),
     # tests/test_parallel.py's SIGKILL test resumes this run (drop-path draws, EMA).
     "resume": ("vit22b-adamw", ["steps=9", "ckpt_every=3", "ema_decay=0.9",
                                 "model.overrides.drop_path=0.1"]),
@@ -76,16 +79,28 @@ REFUSED = {
 
 
 # What each multi-process launch of tests/test_parallel.py trains: {layout name: (processes,
-# parallel.* settings, runs)}. On 2 processes every (model, optimizer) pair; on 4 (two processes
-# per core of a development machine) each optimizer once, both model shapes.
+# parallel.* settings, runs)}. FSDP 2: every (model, optimizer) pair; TP 2 and FSDP x TP 2 x 2:
+# each optimizer once, both model shapes; HSDP 2 x 2 (FSDP's arithmetic, replicated): the two
+# optimizers of vitscale's own. Four processes share the two cores of a development machine.
 ALL = list(runs())
-FOUR = ["vit22b-adafactor_bv", "vit22b-adam_bf16", "vit-adamw", "vit-sgd"]
+# Each optimizer once over the two shapes, some with settings that change no number (EXTRA).
+FOUR_TP = ["sp", "vit22b-adam_bf16", "vit-adamw", "vit-sgd"]
+FOUR_SOURCE = ["vit22b-adafactor_bv", "sp-ac", "mesh-source", "vit-sgd"]
 LAUNCHES = {
     "two": (2, {"fsdp2": (["parallel.dp_shard=2"], ALL + ["bf16", "features", "asvit", "resume"]),
-                "tp2": (["parallel.tp=2"], ALL + ["sp"])}),
-    "four": (4, {"fsdp2xtp2": (["parallel.dp_shard=2", "parallel.tp=2"], FOUR + ["sp-ac"]),
-                 "hsdp2x2": (["parallel.dp_replicate=2", "parallel.dp_shard=2"], FOUR)}),
+                "tp2": (["parallel.tp=2"], FOUR_TP)}),
+    "four": (4, {"fsdp2xtp2": (["parallel.dp_shard=2", "parallel.tp=2"], FOUR_SOURCE),
+                 "hsdp2x2": (["parallel.dp_replicate=2", "parallel.dp_shard=2"],
+                             ["vit22b-adafactor_bv", "vit-adam_bf16"])}),
 }
+
+
+def reference(name: str) -> str | None:
+    """The one-process run of `runs()` a run must follow exactly (None: it has none)."""
+    if name in runs():
+        return name
+    base = EXTRA.get(name, (None,))[0]
+    return base if name in ("sp", "sp-ac", "features", "mesh-source") else None
 
 
 def settings(name: str) -> list[str]:

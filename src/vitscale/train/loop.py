@@ -129,8 +129,8 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: st
         passes, spare = passes + 1, x[:1]
     for _ in range(passes, lockstep or 0):
         if spare is None:  # this process's shard was empty: any image of the right size
-            side = getattr(getattr(model, "cfg", None), "img_size", None)
-            spare = torch.zeros(1, 3, *_pair(side), device=device)
+            cfg = model.cfg
+            spare = torch.zeros(1, getattr(cfg, "in_chans", 3), *_pair(cfg.img_size), device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             model(spare)
     correct, total, loss_sum = all_sum([correct, total, loss_sum], world, device)

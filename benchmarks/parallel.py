@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from vitscale.utils.tensors import local
+
 ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20
 
@@ -59,14 +61,8 @@ TOLERANCE = 0.05  # FSDP N: max-over-ranks bytes within 5% of DDP's / N
 
 
 # ---------------------------------------------------------------------------- in the workers
-def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def _nbytes(tensors) -> int:
-    return sum(_local(t).numel() * _local(t).element_size() for t in tensors)
+    return sum(local(t).numel() * local(t).element_size() for t in tensors)
 
 
 def _own_state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 import weakref
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -47,6 +46,8 @@ import torch
 from torch.optim import Optimizer
 
 from vitscale.errors import CheckpointError
+from vitscale.utils.tensors import is_dtensor
+from vitscale.utils.tensors import local as local_shard
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -83,29 +84,13 @@ def _moment_update(stored: torch.Tensor, value: torch.Tensor, decay: float,
 
 
 # ---------------------------------------------------------------------------- DTensor parameters
-def _dtensor_class() -> type | None:
-    """DTensor once torch.distributed.tensor is imported (no DTensor exists before), so that the
-    single-process path never imports it."""
-    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-
-
-def _is_dtensor(t: Any) -> bool:
-    cls = _dtensor_class()
-    return cls is not None and isinstance(t, cls)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's local shard (sharing its storage: in-place updates reach the DTensor), else t."""
-    return t.to_local() if _is_dtensor(t) else t
-
-
 def _local_grad(p: torch.Tensor) -> torch.Tensor:
     """p.grad in p's local layout: the local shard of a DTensor gradient in p's placements
     (redistributed first when it has others, e.g. a Partial sum)."""
     grad = p.grad
-    if not _is_dtensor(p):
+    if not is_dtensor(p):
         return grad
-    if not _is_dtensor(grad):
+    if not is_dtensor(grad):
         raise RuntimeError(f"a DTensor parameter {tuple(p.shape)} has a {type(grad).__name__} gradient")
     if grad.device_mesh != p.device_mesh or tuple(grad.placements) != tuple(p.placements):
         grad = grad.redistribute(p.device_mesh, p.placements)
@@ -115,7 +100,7 @@ def _local_grad(p: torch.Tensor) -> torch.Tensor:
 def _zeros_like(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """torch.zeros_like(p, dtype=dtype); of a DTensor, built from local zeros (a DTensor op
     would first propagate the sharding)."""
-    if not _is_dtensor(p):
+    if not is_dtensor(p):
         return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
     from torch.distributed.tensor import DTensor
 
@@ -138,9 +123,9 @@ def _dtensor_state(p: torch.Tensor, state: dict[str, Any]) -> None:
     from torch.distributed.tensor import distribute_tensor
 
     for key, value in state.items():
-        if key == "step" or not torch.is_tensor(value) or _is_dtensor(value):
+        if key == "step" or not torch.is_tensor(value) or is_dtensor(value):
             continue
-        value = value.to(_local(p).device)
+        value = value.to(local_shard(p).device)
         state[key] = (distribute_tensor(value, p.device_mesh, p.placements, src_data_rank=None)
                       if value.shape == p.shape else _replicated(value, p))
 
@@ -196,9 +181,11 @@ class _Shards:
         spec = getattr(p, "_spec", None)
         order = getattr(spec, "shard_order", None)
         if order is not None and order != type(spec).compute_default_shard_order(spec.placements):
-            raise NotImplementedError(f"a DTensor parameter with the shard order {order}")
+            # DTensor's explicit shard orders are not made by any vitscale layout (FSDP2, TP).
+            raise NotImplementedError(f"adafactor_bv: a DTensor parameter with the non-default "
+                                      f"shard order {order} is not supported")
         self.mesh_dims = [i for i, pl in enumerate(self.placements) if _shard_like(pl)]
-        local = _local(p)
+        local = local_shard(p)
         self.device = local.device
         self.index = [self._axis_index(axis) for axis in range(len(self.shape))]
         for axis, index in enumerate(self.index):
@@ -408,16 +395,16 @@ class AdamBF16(_MomentumDtypeMixin, Optimizer):
                     state["step"] = 0
                     state["exp_avg"] = _zeros_like(p, dtype)
                     state["exp_avg_sq"] = _zeros_like(p, torch.float32)
-                elif _is_dtensor(p):
+                elif is_dtensor(p):
                     _dtensor_state(p, state)
                 state["step"] += 1
                 t = state["step"]
                 # Elementwise: a DTensor's local shards (the moments are DTensors like p).
                 grad = _local_grad(p).float()
-                m = _moment_update(_local(state["exp_avg"]), grad, beta1, beta1_rounded)
-                v = _local(state["exp_avg_sq"]).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                m = _moment_update(local_shard(state["exp_avg"]), grad, beta1, beta1_rounded)
+                v = local_shard(state["exp_avg_sq"]).mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                 denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
-                param = _local(p)
+                param = local_shard(p)
                 if wd != 0:
                     param.mul_(1 - lr * wd)
                 param.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
@@ -585,8 +572,9 @@ class AdafactorBV(_MomentumDtypeMixin, Optimizer):
                 state[key] = _zeros_like(p, _dtype(group["momentum_dtype"]))
             elif key == "exp_avg_sq":
                 state[key] = _zeros_like(p, torch.float32)
-            elif _is_dtensor(p):
-                state[key] = _replicated(torch.zeros(shape, dtype=torch.float32, device=_local(p).device), p)
+            elif is_dtensor(p):
+                zeros = torch.zeros(shape, dtype=torch.float32, device=local_shard(p).device)
+                state[key] = _replicated(zeros, p)
             else:
                 state[key] = p.new_zeros(shape, dtype=torch.float32)
         return state
@@ -611,7 +599,7 @@ class AdafactorBV(_MomentumDtypeMixin, Optimizer):
                 state = self.state[p]
                 if not state:
                     state.update(self._init_state(p, kernel, group))
-                elif _is_dtensor(p):
+                elif is_dtensor(p):
                     _dtensor_state(p, state)
                 beta2 = min(group["beta2_cap"], 1.0 - (state["step"] + 1) ** -group["decay_rate"])
                 state["step"] += 1
@@ -619,10 +607,10 @@ class AdafactorBV(_MomentumDtypeMixin, Optimizer):
                 # spans them (None: a plain tensor, or a DTensor whole on every rank).
                 grad = _local_grad(p).float()
                 dims = kernel.factored_dims(group["min_dim_size_to_factor"])
-                shards = (_shards(p, kernel.shape) if _is_dtensor(p) and (dims or clip is not None)
+                shards = (_shards(p, kernel.shape) if is_dtensor(p) and (dims or clip is not None)
                           else None)
                 if dims is None:
-                    v = _local(state["exp_avg_sq"]).mul_(beta2).add_(
+                    v = local_shard(state["exp_avg_sq"]).mul_(beta2).add_(
                         grad.square().add_(group["eps"]).mul_(1 - beta2))
                     update = grad * v.rsqrt()
                 elif shards is None:
@@ -631,9 +619,9 @@ class AdafactorBV(_MomentumDtypeMixin, Optimizer):
                     largest, second = dims
                     g = grad.reshape(kernel.shape)
                     grad_sq = g.square().add_(group["eps"])
-                    r = _local(state["exp_avg_sq_r"]).mul_(beta2).add_(kernel.to_kernel(
+                    r = local_shard(state["exp_avg_sq_r"]).mul_(beta2).add_(kernel.to_kernel(
                         grad_sq.mean(dim=kernel.perm[largest], keepdim=True)).mul_(1 - beta2))
-                    c = _local(state["exp_avg_sq_c"]).mul_(beta2).add_(kernel.to_kernel(
+                    c = local_shard(state["exp_avg_sq_c"]).mul_(beta2).add_(kernel.to_kernel(
                         grad_sq.mean(dim=kernel.perm[second], keepdim=True)).mul_(1 - beta2))
                     row_factor = (r / r.mean(dim=second, keepdim=True)).rsqrt_()
                     update = (g * kernel.from_kernel(row_factor)
@@ -651,9 +639,9 @@ class AdafactorBV(_MomentumDtypeMixin, Optimizer):
                     (sum_sq,) = shards.sums(update.square(), [within])
                     rms = sum_sq.div_(math.prod(kernel.shape[kernel.stacked:])).sqrt_()
                     update = update / shards.expand((rms / clip).clamp_(min=1.0), within)
-                param = _local(p)
+                param = local_shard(p)
                 if beta1 is not None:
-                    update = _moment_update(_local(state["exp_avg"]), update, beta1, beta1_rounded)
+                    update = _moment_update(local_shard(state["exp_avg"]), update, beta1, beta1_rounded)
                 if wd != 0:
                     param.mul_(1 - decay_lr * wd)
                 param.add_(update, alpha=-lr)
@@ -670,9 +658,9 @@ class AdafactorBV(_MomentumDtypeMixin, Optimizer):
         rows, cols = kernel.perm[largest], kernel.perm[second]  # view axes
         grad_sq = grad.square().add_(eps)
         row_sum, col_sum = shards.sums(grad_sq, [(rows,), (cols,)])
-        r = _local(state["exp_avg_sq_r"]).mul_(beta2).add_(
+        r = local_shard(state["exp_avg_sq_r"]).mul_(beta2).add_(
             kernel.to_kernel(row_sum.div_(kernel.shape[rows])).mul_(1 - beta2))
-        c = _local(state["exp_avg_sq_c"]).mul_(beta2).add_(
+        c = local_shard(state["exp_avg_sq_c"]).mul_(beta2).add_(
             kernel.to_kernel(col_sum.div_(kernel.shape[cols])).mul_(1 - beta2))
         row_factor = (r / r.mean(dim=second, keepdim=True)).rsqrt_()
         return (grad * shards.expand(kernel.from_kernel(row_factor), (rows,))
@@ -719,7 +707,7 @@ def state_bytes(optimizer: Optimizer) -> int:
     def add(value: Any) -> None:
         nonlocal total
         if isinstance(value, torch.Tensor):
-            value = _local(value)
+            value = local_shard(value)
             total += value.numel() * value.element_size()
         elif isinstance(value, dict):
             for item in value.values():

@@ -24,28 +24,6 @@ def _optim_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
     return get_optimizer_state_dict(model, optimizer)
 
 
-def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """Create the optimizer's per-parameter state (a step with zero gradients at lr 0), so that
-    a checkpoint can be loaded into it. Unlike DCP's own initialisation this also zeroes
-    `scheduled_lr`, which adafactor_bv multiplies its weight decay by: the weights do not move."""
-    if optimizer.state:
-        return
-    saved = [(g.get("lr"), g.get("scheduled_lr")) for g in optimizer.param_groups]
-    for group in optimizer.param_groups:
-        group["lr"] = 0.0
-        if "scheduled_lr" in group:
-            group["scheduled_lr"] = 0.0
-        for p in group["params"]:
-            if p.requires_grad:
-                p.grad = torch.zeros_like(p)
-    optimizer.step()
-    for group, (lr, scheduled) in zip(optimizer.param_groups, saved):
-        group["lr"] = lr
-        if scheduled is not None:
-            group["scheduled_lr"] = scheduled
-    optimizer.zero_grad(set_to_none=True)
-
-
 def split_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
                 ema: nn.Module | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """({flat key: the live tensor or DTensor}, the optimizer's JSON part): the model's, the
@@ -94,8 +72,8 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer 
 
     from vitscale.parallel.tp import dcp_layout, restore_layout
 
-    if optimizer is not None:
-        ensure_optimizer_state(optimizer)
+    # A fresh optimizer's state is created by get_optimizer_state_dict (a step with zero
+    # gradients at lr 0; adafactor_bv then skips its decay too), then overwritten by the load.
     live, _ = split_state(model, optimizer, ema)
     stored = {k: dcp_layout(v) for k, v in live.items()}
     dcp.load(stored, checkpoint_id=str(path))  # in place

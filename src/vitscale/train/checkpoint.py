@@ -44,6 +44,7 @@ from vitscale.errors import CheckpointError
 from vitscale.models.tensorfile import state_dict_mismatch
 from vitscale.train.distributed import SINGLE, World, barrier, gather_objects
 from vitscale.utils.io import _fsync_dir, atomic_write_text, first_line
+from vitscale.utils.tensors import local
 
 LATEST = "latest"
 SHARDED, DCP_DIR = "dcp", "dcp"  # state.json "format" of a sharded checkpoint, and its folder
@@ -97,11 +98,8 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict[
 
 def all_finite(module: torch.nn.Module) -> bool:
     """Whether this process's weights are finite (its own shards of a sharded model)."""
-    return all(torch.isfinite(_local(p)).all() for p in module.parameters())
+    return all(torch.isfinite(local(p)).all() for p in module.parameters())
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 class CorruptCheckpoint(CheckpointError):

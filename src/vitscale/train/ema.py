@@ -6,6 +6,8 @@ import copy
 
 import torch
 
+from vitscale.utils.tensors import local
+
 
 def ema_decay_at(decay: float, step: int | None) -> float:
     """The decay used at update number `step` (0-based): min(decay, (1 + step) / (10 + step)),
@@ -36,12 +38,9 @@ class EMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int | None = None) -> None:
         # Sharded parameters (DTensors) are averaged shard by shard: both models shard alike.
-        ema = [_local(p) for p in self.module.parameters()]
-        raw = [_local(p.detach()) for p in model.parameters()]
+        ema = [local(p) for p in self.module.parameters()]
+        raw = [local(p.detach()) for p in model.parameters()]
         torch._foreach_lerp_(ema, raw, 1.0 - ema_decay_at(self.decay, step))
         for b_ema, b in zip(self.module.buffers(), model.buffers()):
             b_ema.copy_(b)
 
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t

@@ -1,9 +1,13 @@
-"""Tests marked `gpu` run only where CUDA is available; everywhere else they are skipped."""
+"""Tests marked `gpu` run only where CUDA is available; everywhere else they are skipped. The
+torchrun launches tests/test_parallel.py reads start in the background once it is collected
+(tests/launches.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+LAUNCHES = pytest.StashKey()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -13,3 +17,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def launches(config):
+    """The session's tests/launches.Launches."""
+    from launches import Launches
+
+    if LAUNCHES not in config.stash:
+        config.stash[LAUNCHES] = Launches()
+    return config.stash[LAUNCHES]
+
+
+def pytest_collection_finish(session):
+    if any(item.path.name == "test_parallel.py" for item in session.items):
+        launches(session.config).start()
+
+
+def pytest_sessionfinish(session):
+    if LAUNCHES in session.config.stash:
+        session.config.stash[LAUNCHES].close()

@@ -1,9 +1,9 @@
 """The optimizers on sharded DTensor parameters against the same optimizer on the whole tensors.
 
-Each test launches CPU gloo processes (torch.multiprocessing.spawn) and does many checks in one
-launch: DTensor placements as FSDP2, HSDP, tensor parallelism and FSDP x TP lay parameters out
+One launch of four CPU gloo processes (torch.multiprocessing.spawn) does many checks for both
+tests: DTensor placements as FSDP2, HSDP, tensor parallelism and FSDP x TP lay parameters out
 (Shard on any axis, uneven and empty shards, _StridedShard per head, 2-D meshes), then FSDP2's
-fully_shard itself, 3-way (uneven chunks of factored axes); AdamW, AdamBF16, AdafactorBV (bf16
+fully_shard itself, 4-way (uneven chunks of factored axes); AdamW, AdamBF16, AdafactorBV (bf16
 and fp32 momentum, factor_views, update clipping) and SGD with weight-decay groups, an lr_mult
 and the schedule; parameters and state (moments, Adafactor's row / column statistics) after five
 steps; torch.distributed.checkpoint saved at one layout and loaded at another; clip_grad_norm_
@@ -60,21 +60,40 @@ def _worker(rank: int, world: int, init: str, fn_name: str, tmp: str) -> None:
         dist.destroy_process_group()
 
 
-def _launch(fn_name: str, world: int, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    try:
-        mp.spawn(_worker, args=(world, f"file://{tmp_path / 'init'}", fn_name, str(tmp_path)),
-                 nprocs=world, join=True)
-    except Exception as exc:
-        errors = "\n".join(p.read_text() for p in sorted(tmp_path.glob("error-*.txt")))
-        raise AssertionError(f"{fn_name} failed:\n{errors or exc}") from None
+def _launch(fn_name: str, world: int, tmp_path: Path) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        try:
+            mp.spawn(_worker, args=(world, f"file://{tmp_path / 'init'}", fn_name, str(tmp_path)),
+                     nprocs=world, join=True)
+        except Exception as exc:
+            errors = "\n".join(p.read_text() for p in sorted(tmp_path.glob("error-*.txt")))
+            raise AssertionError(f"{fn_name} failed:\n{errors or exc}") from None
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> Path:
+    """One launch of 4 processes (their start-up costs more than the checks) running both
+    workers below; each leaves `done-<worker>` behind when every check of it passed."""
+    tmp = tmp_path_factory.mktemp("sharded")
+    _launch("both_workers", 4, tmp)
+    return tmp
+
+
+def both_workers(rank: int, world: int, tmp: Path) -> None:
+    for worker in (placements_worker, fsdp_worker):
+        worker(rank, world, tmp)
+        dist.barrier()
+        if rank == 0:
+            (tmp / f"done-{worker.__name__}").touch()
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _tiny(heads: int = 4, pool: str = "token", depth: int = 2, seed: int = 0) -> nn.Module:
+def _tiny(heads: int = 4, pool: str = "token", depth: int = 2, seed: int = 0,
+          mlp_dim: int = 128) -> nn.Module:
     torch.manual_seed(seed)
-    return build(ModelConfig(width=64, depth=depth, heads=heads, mlp_dim=128, img_size=16, patch=4,
-                             num_classes=10, pool=pool))
+    return build(ModelConfig(width=64, depth=depth, heads=heads, mlp_dim=mlp_dim, img_size=16,
+                             patch=4, num_classes=10, pool=pool))
 
 
 def _optimizer(model: nn.Module, name: str, views: dict | None = None) -> torch.optim.Optimizer:
@@ -314,11 +333,14 @@ def placements_worker(rank: int, world: int, tmp: Path) -> None:
         _compare_runs(other, other_opt, ref, ref_opt, name, "fsdp -> hsdp")
 
 
-def test_optimizers_on_dtensor_placements(tmp_path, monkeypatch):
-    _launch("placements_worker", 4, tmp_path, monkeypatch)
+def test_optimizers_on_dtensor_placements(launched):
+    assert (launched / "done-placements_worker").is_file()
 
 
 # ---------------------------------------------------------------------------------- FSDP2
+MLP = 130  # uneven over 4 ranks
+
+
 def _fully_shard(model: nn.Module, mesh) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
@@ -339,14 +361,15 @@ def fsdp_worker(rank: int, world: int, tmp: Path) -> None:
     from torch.distributed.tensor import DTensor
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("dp_shard",))
-    base = _tiny()
+    base = _tiny(mlp_dim=MLP)
     grads = _grads(base, STEPS)
     sharded = _fully_shard(copy.deepcopy(base), mesh)
     params = dict(sharded.named_parameters())
-    # 3-way chunks of dim 0: fc1 (128 rows, the factored axis the row means run over) 43/43/42,
-    # head (10 rows) 4/4/2, cls_token and pos_embed (1 row) whole on rank 0 and empty elsewhere.
-    local = params["blocks.0.mlp.fc1.weight"].to_local().shape[0]
-    assert local == [43, 43, 42][rank]
+    # Uneven 4-way chunks of dim 0: fc1 (130 rows, the factored axis the row means run over)
+    # 33/33/33/31, head (10 rows) 3/3/3/1, cls_token and pos_embed (1 row) whole on rank 0.
+    assert world == 4
+    assert params["blocks.0.mlp.fc1.weight"].to_local().shape[0] == [33, 33, 33, 31][rank]
+    assert params["head.weight"].to_local().shape[0] == [3, 3, 3, 1][rank]
     assert params["pos_embed"].to_local().shape[0] == (1 if rank == 0 else 0)
 
     # clip_grad_norm_ over DTensor gradients: the global norm, the same clipped gradients.
@@ -388,7 +411,7 @@ def fsdp_worker(rank: int, world: int, tmp: Path) -> None:
             resumed.append((plain, plain_opt))
         msd, osd = get_state_dict(model, opt)
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp / f"sharded-{name}")
-        whole = _tiny(seed=1)  # not the saved weights
+        whole = _tiny(seed=1, mlp_dim=MLP)  # not the saved weights
         whole_opt = _optimizer(whole, name)
         msd, osd = get_state_dict(whole, whole_opt)
         dcp.load({"model": msd, "optim": osd}, checkpoint_id=tmp / f"sharded-{name}")
@@ -396,7 +419,7 @@ def fsdp_worker(rank: int, world: int, tmp: Path) -> None:
         resumed.append((whole, whole_opt))
         if name == "adafactor_bv_fp32":
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=tmp / f"whole-{name}")
-            again = _fully_shard(_tiny(seed=2), mesh)
+            again = _fully_shard(_tiny(seed=2, mlp_dim=MLP), mesh)
             again_opt = _optimizer(again, name)
             msd, osd = get_state_dict(again, again_opt)
             dcp.load({"model": msd, "optim": osd}, checkpoint_id=tmp / f"whole-{name}")
@@ -426,5 +449,5 @@ def fsdp_worker(rank: int, world: int, tmp: Path) -> None:
         _compare(dict(model.named_parameters())[n], p, f"fresh state dict {n}")
 
 
-def test_optimizers_under_fully_shard_and_dcp(tmp_path, monkeypatch):
-    _launch("fsdp_worker", 3, tmp_path, monkeypatch)
+def test_optimizers_under_fully_shard_and_dcp(launched):
+    assert (launched / "done-fsdp_worker").is_file()

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from parallel_runs import (  # tests/ is on sys.path (pytest's rootdir insertion)
+from launches import WORKER, torchrun, torchrun_command  # tests/ is on sys.path (pytest's rootdir insertion)
+from parallel_runs import (
     BASE,
     EXTRA,
     LAUNCHES,
@@ -29,18 +30,10 @@ from parallel_runs import (  # tests/ is on sys.path (pytest's rootdir insertion
 from vitscale.models import load
 from vitscale.train import run
 
-WORKER = Path(__file__).with_name("parallel_runs.py")
 # Adam with a bf16 first moment: a rounding difference far below 1e-5 can flip the last bit of a
 # bf16 momentum entry, which moves that weight by up to lr x 2^-8 of its update (measured: up
 # to 1.6e-5 after 10 steps for adam_bf16, the same under DDP); fp32 state: 1e-5.
 ATOL = {"adamw": 1e-5, "sgd": 1e-5, "adam_bf16": 3e-5, "adafactor_bv": 1e-5}
-
-
-def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-           str(nproc), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -53,18 +46,15 @@ def weights(run_dir: Path, folder: str = "model") -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory):
+def launched(request):
     """launched(name) -> (the folder of that torchrun launch of parallel_runs.py, its stdout),
-    run once per test module."""
-    done: dict[str, tuple[Path, str]] = {}
+    once per session (started in the background by conftest.py)."""
+    from conftest import launches
 
     def launch(name: str) -> tuple[Path, str]:
-        if name not in done:
-            out = tmp_path_factory.mktemp(name)
-            proc = torchrun(LAUNCHES[name][0], str(WORKER), str(out), name)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            done[name] = out, proc.stdout
-        return done[name]
+        out, proc = launches(request.config).result(name)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return out, proc.stdout
 
     return launch
 
@@ -162,9 +152,7 @@ def test_sharded_sigkill_then_resume_is_bitwise_identical(tmp_path, launched):
     # SIGKILL the whole torchrun process group once a random checkpoint is in place.
     killed = tmp_path / "killed"
     target = random.choice([3, 6])  # not the last checkpoint: the run must still be going
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           *train_cmd(killed, *layout)]
+    cmd, env = torchrun_command(2, *train_cmd(killed, *layout))
     runner = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               start_new_session=True)
     pointer = killed / "checkpoints" / "latest"

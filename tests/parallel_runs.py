@@ -62,6 +62,9 @@ EXTRA = {
                                 "model.overrides.drop_path=0.1"]),
     # FSDP mixed precision and autocast
     "bf16": ("vit22b-adamw", ["parallel.param_dtype=bfloat16", "precision=bf16"]),
+    # Mixup and CutMix (one per step, drawn by seed and step): under TP alone every rank mixes
+    # the whole batch the same way, so the run equals one process doing the same.
+    "mix": ("vit-adamw", ["data.mixup_alpha=0.5", "data.cutmix_alpha=1.0"]),
     # Accumulation, EMA, the periodic few-shot evaluator: the training numbers are vit-adamw's.
     "features": ("vit-adamw", ["accum_steps=2", "ema_decay=0.9", "evals.fewshot.every=5",
                                "evals.fewshot.shots=[1,2]", "evals.fewshot.seeds=1"]),
@@ -90,7 +93,7 @@ FOUR_SOURCE = ["vit22b-adafactor_bv", "sp-ac", "mesh-source", "vit-sgd"]
 LAUNCHES = {
     "two": (2, {"fsdp2": (["parallel.dp_shard=2"],
                           FSDP_PAIRS + ["bf16", "features", "asvit", "resume"]),
-                "tp2": (["parallel.tp=2"], FOUR_TP)}),
+                "tp2": (["parallel.tp=2"], FOUR_TP + ["mix"])}),
     "four": (4, {"fsdp2xtp2": (["parallel.dp_shard=2", "parallel.tp=2"], FOUR_SOURCE),
                  "hsdp2x2": (["parallel.dp_replicate=2", "parallel.dp_shard=2"],
                              ["vit22b-adafactor_bv", "vit-adam_bf16"])}),

@@ -112,6 +112,10 @@ def test_sharded_layout_follows_one_process(launched, single, tmp_path, launch, 
         last = [r for r in map(json.loads, (got / "asvit" / "metrics.jsonl").open())
                 if "tokenizer" in r][-1]
         assert last["tokenizer"] == [4, 1]
+    if "mix" in names:  # Mixup / CutMix on the batch both TP ranks hold
+        run(None, settings("mix") + [f"out_dir={tmp_path / 'mix'}"])
+        assert_run_follows(got / "mix", tmp_path / "mix", "adamw")
+        assert losses(got / "mix") != losses(single / "vit-adamw")  # the batches were mixed
     if "features" in names:  # accumulation, EMA, the periodic few-shot evaluator
         assert (got / "features" / "model_ema" / "model.safetensors").is_file()
         rows = [json.loads(line) for line in (got / "features" / "metrics.jsonl").open()]

@@ -317,6 +317,22 @@ def _add_data_args(p: argparse.ArgumentParser, cache: bool = True) -> None:
         p.add_argument("--no-cache", action="store_true", help="do not read or write cached features")
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from vitscale.plan import plan
+    from vitscale.plan.report import render
+
+    result = plan(args.model, img_size=args.img_size, batch=args.batch, precision=args.precision,
+                  optim=args.optim, dp_shard=args.dp_shard, tp=args.tp,
+                  dp_replicate=args.dp_replicate, act_ckpt=args.act_ckpt,
+                  param_dtype=args.param_dtype, reduce_dtype=args.reduce_dtype,
+                  sequence_parallel=args.sequence_parallel, kernel=args.kernel,
+                  device_memory=args.device_memory, margin=args.margin,
+                  num_classes=args.num_classes, gpu=args.gpu, peak_tflops=args.peak_tflops,
+                  mfu=args.mfu)
+    print(json.dumps(result.to_json(), indent=2) if args.json else render(result))
+    return 0
+
+
 # ---------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -350,6 +366,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="*", metavar="KEY=VALUE",
                    help="model config fields, e.g. heads=6 num_classes=10")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("plan", help="per-device memory (params, grads, optimizer, FSDP, "
+                       "activations), whether it fits, the largest batch, FLOPs per step")
+    p.add_argument("model", help="a named size such as B/16, g/14, 22B/14")
+    p.add_argument("--img-size", type=int, help="resolution (default: the model's, 224)")
+    p.add_argument("--batch", type=int, default=32, help="images per device per micro-batch")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
+                   help="bf16: autocast, as `precision: bf16` in a training config")
+    p.add_argument("--optim", choices=("adamw", "adam_bf16", "adafactor_bv", "sgd"),
+                   default="adamw")
+    p.add_argument("--dp-shard", type=int, default=1, help="FSDP2 degree")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    p.add_argument("--dp-replicate", type=int, default=1, help="DDP / HSDP replicas")
+    p.add_argument("--act-ckpt", default="none", help="activation checkpointing: none, full, "
+                   "every:K")
+    p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="FSDP's gathered parameters (parallel.param_dtype)")
+    p.add_argument("--reduce-dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--kernel", choices=("flash", "math"), default="flash",
+                   help="attention kernel: fused (flash / efficient / cuDNN) or math")
+    p.add_argument("--device-memory", default="80GiB", help="e.g. 80GiB, 40GB, 24GiB")
+    p.add_argument("--margin", type=float, default=0.10, help="memory kept free (fraction)")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--gpu", help="device name for the peak FLOP/s (H100-SXM, A100-80GB, ...)")
+    p.add_argument("--peak-tflops", type=float, help="peak bf16 dense TFLOP/s")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the "
+                   "time per step")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("train", help="train a model (config YAML + key.sub=value overrides)",
                        description="Train as the config says. A run directory that already "

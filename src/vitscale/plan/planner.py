@@ -1,0 +1,236 @@
+"""`plan(...)`: what one process of a training run holds, whether it fits, the largest batch.
+
+Every figure is per device (process), in bytes, for one training step of `batch` images per
+device (the micro-batch: the global batch / data-parallel ranks / accumulation steps):
+
+- parameters, gradients, optimizer state: plan/states.py (exact: the real tensors' bytes);
+- FSDP2's unsharded buffers: the current and the prefetched block's parameters gathered in
+  parallel.param_dtype, one block's unsharded gradient in reduce_dtype before its
+  reduce-scatter, the root's (stem, head) parameters and gradient kept gathered;
+- DDP's gradient buckets (a second copy of the gradients, torch's default);
+- activations: plan/activations.py, with the recomputed block of activation checkpointing.
+
+The total is compared with the device memory less a stated margin (allocator fragmentation,
+kernel workspaces, the CUDA context). FLOPs per step: 3 x the forward's (models.counts), plus
+one more forward of every recomputed block, per device.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+from vitscale.errors import ConfigError
+from vitscale.parallel.mesh import Layout
+from vitscale.plan.activations import activation_bytes
+from vitscale.plan.states import block_params, max_numel, model_state
+
+DEFAULT_MARGIN = 0.10
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+# bf16 dense peak (TFLOP/s, no sparsity) and memory of common accelerators, from the vendors'
+# data sheets; memory as sold (GB for GPUs, GiB for TPUs).
+DEVICES: dict[str, tuple[float, str]] = {
+    "V100": (125.0, "32GB"),  # fp16 tensor cores (no bf16)
+    "A10": (125.0, "24GB"),
+    "A100-40GB": (312.0, "40GB"),
+    "A100-80GB": (312.0, "80GB"),
+    "L4": (121.0, "24GB"),
+    "L40S": (362.0, "48GB"),
+    "RTX4090": (165.2, "24GB"),
+    "H100-PCIe": (756.0, "80GB"),
+    "H100-SXM": (989.4, "80GB"),
+    "H200": (989.4, "141GB"),
+    "B200": (2250.0, "180GB"),
+    "TPUv4": (275.0, "32GiB"),
+    "TPUv5e": (197.0, "16GiB"),
+    "TPUv5p": (459.0, "95GiB"),
+}
+
+
+def parse_memory(text: str | int | float) -> int:
+    """'80GiB', '80 GB', '512MiB', or a number of bytes -> bytes."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ConfigError(f"device memory {text!r} is not a size; write it as e.g. 80GiB, "
+                              "40GB, 512MiB or a number of bytes")
+        value, unit = float(m.group(1)), m.group(2).lower()
+    if value <= 0:
+        raise ConfigError(f"device memory {text!r} must be more than 0")
+    return int(value * _UNITS[unit])
+
+
+def peak_flops(gpu: str | None = None, peak_tflops: float | None = None) -> float | None:
+    """FLOP/s of `peak_tflops`, or of a DEVICES entry by name (case-insensitive)."""
+    if peak_tflops is not None:
+        if peak_tflops <= 0:
+            raise ConfigError(f"--peak-tflops {peak_tflops} must be more than 0")
+        return peak_tflops * 1e12
+    if gpu is None:
+        return None
+    names = {name.lower(): name for name in DEVICES}
+    if gpu.lower() not in names:
+        raise ConfigError(f"unknown device {gpu!r}; choose one of {', '.join(DEVICES)} or give "
+                          "--peak-tflops")
+    return DEVICES[names[gpu.lower()]][0] * 1e12
+
+
+def _every(act_ckpt: str) -> int:
+    from vitscale.config import ParallelConfig
+
+    return ParallelConfig(activation_checkpointing=act_ckpt).checkpoint_every()
+
+
+@dataclass
+class Plan:
+    """One process's memory for one training step (bytes), and what follows from it."""
+
+    model: str
+    img_size: list[int]
+    batch: int  # per device, per micro-batch
+    layout: dict
+    precision: str
+    param_dtype: str
+    reduce_dtype: str
+    optimizer: str
+    act_ckpt: str
+    kernel: str
+    params: int
+    params_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    fsdp_buffers_bytes: int
+    comm_buffers_bytes: int
+    activations_bytes: int
+    total_bytes: int
+    device_memory: int
+    margin: float
+    fits: bool
+    max_batch: int
+    flops_per_step: float  # per device, for its `batch` images
+    step_time_s: float | None
+    mfu: float
+    peak_flops: float | None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _static_bytes(cfg, optim_cfg, layout: Layout, param_dtype: str,
+                  reduce_dtype: str) -> tuple[int, int, int, int, int]:
+    """(params, grads, optimizer, FSDP buffers, DDP buckets) bytes of the fullest process."""
+    state = model_state(cfg, optim_cfg, layout, rank=0)
+    fsdp = ddp = 0
+    if layout.dp_shard > 1 or layout.dp_replicate > 1 and layout.tp > 1:  # FSDP2 wraps
+        block, root = block_params(cfg, layout)
+        p, g = _DTYPE_BYTES[param_dtype], _DTYPE_BYTES[reduce_dtype]
+        fsdp = 2 * block * p + block * g + root * (p + g)
+    elif layout.dp_replicate > 1:
+        ddp = state.grads
+    return state.params, state.grads, state.optimizer, fsdp, ddp
+
+
+def plan(model, *, img_size: int | None = None, batch: int = 32, precision: str = "bf16",
+         optim: str = "adamw", dp_shard: int = 1, tp: int = 1, dp_replicate: int = 1,
+         act_ckpt: str = "none", param_dtype: str = "float32", reduce_dtype: str = "float32",
+         sequence_parallel: bool = False, kernel: str = "flash",
+         device_memory: str | int = "80GiB", margin: float = DEFAULT_MARGIN,
+         num_classes: int = 1000, gpu: str | None = None, peak_tflops: float | None = None,
+         mfu: float = 0.4, device: str = "cuda", optim_cfg=None) -> Plan:
+    """Plan one process of a run of `model` (a named size such as "B/16", or a ModelConfig).
+    `batch` is per device (per micro-batch)."""
+    from vitscale.config import OptimConfig
+    from vitscale.models.config import ModelConfig, pair
+    from vitscale.models.counts import count
+
+    cfg = _model_config(model, img_size, num_classes)
+    if not isinstance(cfg, ModelConfig):
+        raise ConfigError("vitscale plan models ViTs (named sizes, hybrids excepted); As-ViT "
+                          "activations are not modelled yet")
+    if cfg.stem == "hybrid":
+        raise ConfigError("vitscale plan does not model a hybrid ResNet stem's activations; "
+                          "plan its ViT (e.g. B/16) and add the stem by hand")
+    if batch < 1:
+        raise ConfigError(f"--batch {batch} must be at least 1 image per device")
+    if kernel not in ("flash", "math"):
+        raise ConfigError(f"--kernel {kernel!r}: use flash (fused attention) or math")
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"--precision {precision!r}: use fp32 or bf16")
+    if not 0 <= margin < 1:
+        raise ConfigError(f"margin {margin} must be in [0, 1)")
+    for name, value in (("dp_shard", dp_shard), ("tp", tp), ("dp_replicate", dp_replicate)):
+        if value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {value} must be at least 1")
+    layout = Layout(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp)
+    if tp > 1:
+        _check_tp(cfg, tp, sequence_parallel)
+    elif sequence_parallel:
+        raise ConfigError("sequence parallelism needs --tp > 1")
+    if param_dtype != "float32" and not layout.sharded:
+        raise ConfigError("--param-dtype applies to FSDP's gathered parameters; it needs "
+                          "--dp-shard or --tp > 1")
+    every = _every(act_ckpt)
+    optim_cfg = optim_cfg or OptimConfig(name=optim)
+    memory = parse_memory(device_memory)
+    img = pair(cfg.img_size)
+
+    params, grads, opt, fsdp, ddp = _static_bytes(cfg, optim_cfg, layout, param_dtype,
+                                                  reduce_dtype)
+
+    def activations(b: int) -> float:
+        return activation_bytes(cfg, b, img, precision, param_dtype, kernel, every, tp,
+                                sequence_parallel, device).peak
+
+    act = activations(batch)
+    static = params + grads + opt + fsdp + ddp
+    total = static + act
+    budget = memory * (1 - margin)
+    # activations are affine in the batch: a + b x per_image
+    base = activations(1)
+    per_image = activations(2) - base
+    max_batch = max(0, int((budget - static - (base - per_image)) // per_image))
+    while max_batch > 0 and static + activations(max_batch) > budget:
+        max_batch -= 1
+
+    flops = count(cfg, img).flops
+    recomputed = sum(1 for i in range(cfg.depth) if every and (i + 1) % every == 0) / cfg.depth
+    step_flops = (3 + recomputed) * flops * batch / tp
+    peak = peak_flops(gpu, peak_tflops)
+    return Plan(
+        model=cfg.name or "custom", img_size=list(img), batch=batch,
+        layout={"dp_replicate": dp_replicate, "dp_shard": dp_shard, "tp": tp,
+                "sequence_parallel": sequence_parallel},
+        precision=precision, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
+        optimizer=optim_cfg.name, act_ckpt=act_ckpt, kernel=kernel,
+        params=max_numel(cfg), params_bytes=params, grads_bytes=grads,
+        optimizer_bytes=opt, fsdp_buffers_bytes=fsdp, comm_buffers_bytes=ddp,
+        activations_bytes=int(math.ceil(act)), total_bytes=int(math.ceil(total)),
+        device_memory=memory, margin=margin, fits=total <= budget, max_batch=max_batch,
+        flops_per_step=step_flops, step_time_s=step_flops / (peak * mfu) if peak else None,
+        mfu=mfu, peak_flops=peak)
+
+
+def _model_config(model, img_size: int | None, num_classes: int):
+    from vitscale.models.config import ModelConfig
+    from vitscale.models.registry import any_config
+
+    if isinstance(model, ModelConfig):
+        return model if img_size is None else model.replace(img_size=img_size)
+    overrides = {"num_classes": num_classes}
+    if img_size is not None:
+        overrides["img_size"] = img_size
+    return any_config(str(model), **overrides)
+
+
+def _check_tp(cfg, tp: int, sequence_parallel: bool) -> None:
+    from vitscale.parallel.tp import check_tp
+    from vitscale.plan.states import meta_model
+
+    model, _ = meta_model(cfg)
+    check_tp(model, tp, sequence_parallel)

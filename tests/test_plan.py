@@ -1,0 +1,134 @@
+"""vitscale.plan: activations against what autograd saves, the planner's arithmetic, the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from vitscale.cli import main
+from vitscale.errors import ConfigError
+from vitscale.models.counts import count
+from vitscale.models.registry import build, model_config
+from vitscale.parallel.blocks import transformer_blocks
+from vitscale.parallel.checkpointing import apply_activation_checkpointing
+from vitscale.plan import activation_bytes, parse_memory, plan
+
+# Ti and S (sequential blocks, class token) and ViT-22B's block (parallel, QK-norm, no
+# biases, MAP head), small enough to run a forward of each in milliseconds.
+SHAPES = {
+    "Ti": ("Ti/4", {}),
+    "S": ("S/4", {}),
+    "vit22b": ("Ti/4", dict(block="parallel", qk_norm=True, qkv_bias=False, proj_bias=False,
+                            mlp_bias=False, norm_bias=False, pool="map")),
+}
+KERNELS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION}
+
+
+def saved_bytes(model: torch.nn.Module, x: torch.Tensor, bf16: bool, kernel: str) -> int:
+    """Bytes of the distinct storages autograd saves in a forward of model(x), the parameters'
+    own excepted (the planner counts them as parameters)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with sdpa_kernel([KERNELS[kernel]]), autocast, \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_activations_are_what_autograd_saves(shape):
+    name, overrides = SHAPES[shape]
+    cfg = model_config(name, num_classes=10, img_size=32, depth=4, **overrides)
+    x = torch.randn(4, 3, 32, 32)
+    for every in (0, 1, 2):  # none, full, every:2
+        torch.manual_seed(0)
+        model = build(cfg).train()
+        apply_activation_checkpointing(transformer_blocks(model), every)
+        for precision in ("fp32", "bf16"):
+            for kernel in KERNELS:
+                got = saved_bytes(model, x, precision == "bf16", kernel)
+                predicted = activation_bytes(cfg, 4, (32, 32), precision, kernel=kernel,
+                                             every=every, device="cpu").saved
+                assert abs(predicted / got - 1) < 0.10, (shape, every, precision, kernel,
+                                                         predicted, got)
+
+
+def test_max_batch_is_the_largest_that_fits():
+    gap = model_config("L/16", num_classes=1000, pool="gap")  # 196 tokens: SP splits them
+    for kwargs in (dict(), dict(act_ckpt="full", dp_shard=8, param_dtype="bfloat16"),
+                   dict(tp=2, sequence_parallel=True, dp_shard=4, optim="adafactor_bv")):
+        first = plan(gap, batch=8, device_memory="24GiB", **kwargs)
+        assert first.max_batch > 8
+        at = plan(gap, batch=first.max_batch, device_memory="24GiB", **kwargs)
+        over = plan(gap, batch=first.max_batch + 1, device_memory="24GiB", **kwargs)
+        assert at.fits and not over.fits, kwargs
+        assert at.total_bytes <= 24 * 2**30 * 0.9 < over.total_bytes
+        parts = (at.params_bytes + at.grads_bytes + at.optimizer_bytes + at.fsdp_buffers_bytes
+                 + at.comm_buffers_bytes + at.activations_bytes)
+        assert abs(parts - at.total_bytes) <= 1
+
+
+def test_flops_and_time_per_step():
+    p = plan("B/16", batch=64, gpu="H100-SXM", mfu=0.5)
+    assert p.flops_per_step == 3 * count(p_cfg := model_config("B/16", num_classes=1000)).flops * 64
+    assert p_cfg.img_size == (224, 224)
+    assert p.step_time_s == pytest.approx(p.flops_per_step / (989.4e12 * 0.5))
+    # full checkpointing recomputes every block's forward once more: 4 forwards' worth
+    ckpt = plan("B/16", batch=64, act_ckpt="full", tp=2)
+    assert ckpt.flops_per_step == pytest.approx(p.flops_per_step * 4 / 3 / 2)
+
+
+def test_sharding_divides_the_model_state():
+    whole = plan("g/14", batch=1, optim="adam_bf16")
+    sharded = plan("g/14", batch=1, optim="adam_bf16", dp_shard=8)
+    assert whole.optimizer_bytes == 1.5 * whole.params_bytes == 6 * whole.params
+    # rank 0 also holds the position embedding whole (its dim 0 has size 1): 0.25% more
+    assert sharded.params_bytes == pytest.approx(whole.params_bytes / 8, rel=5e-3)
+    assert sharded.fsdp_buffers_bytes > 0 and whole.fsdp_buffers_bytes == 0
+    ddp = plan("g/14", batch=1, optim="adam_bf16", dp_replicate=8)
+    assert ddp.comm_buffers_bytes == ddp.grads_bytes  # DDP's buckets
+
+
+def test_parse_memory():
+    assert parse_memory("80GiB") == 80 * 2**30
+    assert parse_memory("40 GB") == 40 * 10**9
+    assert parse_memory("1.5TiB") == int(1.5 * 2**40)
+    assert parse_memory(1024) == 1024
+    for bad in ("lots", "80 parsecs", "-3GiB", "0GB", ""):
+        with pytest.raises(ConfigError):
+            parse_memory(bad)
+
+
+def test_cli_json_and_one_line_errors(capsys):
+    assert main(["plan", "B/16", "--batch", "64", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    for key in ("params_bytes", "grads_bytes", "optimizer_bytes", "activations_bytes",
+                "total_bytes", "fits", "max_batch"):
+        assert key in doc
+    assert doc["fits"] is True and doc["max_batch"] >= 64
+    assert main(["plan", "B/16", "--dp-shard", "4", "--act-ckpt", "full"]) == 0
+    out = capsys.readouterr().out
+    assert "largest batch per device that fits" in out and "FSDP unsharded buffers" in out
+    for argv, words in (
+        (["plan", "Q/16"], "unknown model name"),
+        (["plan", "B/16", "--tp", "5"], "not divisible by parallel.tp=5"),
+        (["plan", "B/16", "--device-memory", "lots"], "is not a size"),
+        (["plan", "B/16", "--act-ckpt", "every:0"], "every:K"),
+        (["plan", "B/16", "--gpu", "TPUv9"], "unknown device"),
+        (["plan", "B/16", "--batch", "0"], "at least 1"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err, (argv, err)

@@ -132,3 +132,28 @@ def test_cli_json_and_one_line_errors(capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert words in err and "\n" not in err, (argv, err)
+
+
+def test_table_gives_the_first_layout_that_fits(capsys):
+    from vitscale.plan.table import _layouts, plan_table
+
+    kwargs = dict(batch=32, optim="adafactor_bv", device_memory="80GiB")
+    table = plan_table(["B/16", "22B/14"], devices=(1, 4, 256), **kwargs)
+    assert table["B/16"][1] == "1" and table["B/16"][4] == "ddp"
+    assert table["22B/14"][1] is None  # 22.2B fp32 weights alone are 89 GB
+    label = table["22B/14"][256]
+    assert label is not None
+    earlier = []
+    for name, layout in _layouts(256):
+        if name == label:
+            assert plan("22B/14", **layout, **kwargs).fits
+            break
+        earlier.append(layout)
+    for layout in earlier:  # every layout with less machinery does not fit
+        try:
+            assert not plan("22B/14", **layout, **kwargs).fits, layout
+        except ConfigError:
+            pass
+    assert main(["plan", "--table", "--batch", "32", "--optim", "adafactor_bv"]) == 0
+    out = capsys.readouterr().out
+    assert "22B/14" in out and "1024" in out

@@ -321,6 +321,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from vitscale.plan import plan
     from vitscale.plan.report import render
 
+    if args.table:
+        from vitscale.plan.table import plan_table, render_table
+
+        table = plan_table([args.model] if args.model else None, batch=args.batch,
+                           precision=args.precision, optim=args.optim, kernel=args.kernel,
+                           device_memory=args.device_memory, margin=args.margin,
+                           img_size=args.img_size, num_classes=args.num_classes)
+        print(json.dumps(table) if args.json else
+              f"smallest layout that fits {args.device_memory} per device, {args.batch} images "
+              f"per device, {args.optim}, {args.precision} (ddp / fsdpN / hsdpRxN / tpN, +ac: "
+              f"activation checkpointing, -: none fits):\n" + render_table(table))
+        return 0
+    if not args.model:
+        raise UserError("vitscale plan needs a MODEL (e.g. B/16), or --table")
     result = plan(args.model, img_size=args.img_size, batch=args.batch, precision=args.precision,
                   optim=args.optim, dp_shard=args.dp_shard, tp=args.tp,
                   dp_replicate=args.dp_replicate, act_ckpt=args.act_ckpt,
@@ -369,7 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="per-device memory (params, grads, optimizer, FSDP, "
                        "activations), whether it fits, the largest batch, FLOPs per step")
-    p.add_argument("model", help="a named size such as B/16, g/14, 22B/14")
+    p.add_argument("model", nargs="?", help="a named size such as B/16, g/14, 22B/14")
+    p.add_argument("--table", action="store_true", help="named sizes x 1..1024 devices: the "
+                   "smallest layout that fits each")
     p.add_argument("--img-size", type=int, help="resolution (default: the model's, 224)")
     p.add_argument("--batch", type=int, default=32, help="images per device per micro-batch")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",

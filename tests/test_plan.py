@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vitscale.cli import main
 from vitscale.errors import ConfigError
@@ -16,6 +14,7 @@ from vitscale.models.registry import build, model_config
 from vitscale.parallel.blocks import transformer_blocks
 from vitscale.parallel.checkpointing import apply_activation_checkpointing
 from vitscale.plan import activation_bytes, parse_memory, plan
+from vitscale.plan.measure import saved_bytes
 
 # Ti and S (sequential blocks, class token) and ViT-22B's block (parallel, QK-norm, no
 # biases, MAP head), small enough to run a forward of each in milliseconds.
@@ -25,26 +24,7 @@ SHAPES = {
     "vit22b": ("Ti/4", dict(block="parallel", qk_norm=True, qkv_bias=False, proj_bias=False,
                             mlp_bias=False, norm_bias=False, pool="map")),
 }
-KERNELS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION}
-
-
-def saved_bytes(model: torch.nn.Module, x: torch.Tensor, bf16: bool, kernel: str) -> int:
-    """Bytes of the distinct storages autograd saves in a forward of model(x), the parameters'
-    own excepted (the planner counts them as parameters)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
-        return t
-
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with sdpa_kernel([KERNELS[kernel]]), autocast, \
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(seen.values())
+KERNELS = ("math", "flash")
 
 
 @pytest.mark.parametrize("shape", SHAPES)

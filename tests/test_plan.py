@@ -137,3 +137,59 @@ def test_table_gives_the_first_layout_that_fits(capsys):
     assert main(["plan", "--table", "--batch", "32", "--optim", "adafactor_bv"]) == 0
     out = capsys.readouterr().out
     assert "22B/14" in out and "1024" in out
+
+
+CONFIGS = sorted((__import__("pathlib").Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_fits_the_devices_it_states(path):
+    from vitscale.plan.planner import plan_config, stated_devices
+
+    stated = stated_devices(path)
+    assert stated is not None or path.name == "demo.yaml", f"{path.name} states no device count"
+    p = plan_config(path)
+    assert p.fits, (path.name, p.total_bytes, p.device_memory)
+    devices = stated[0] if stated else 1
+    lay = p.layout
+    assert lay["dp_replicate"] * lay["dp_shard"] * lay["tp"] == devices
+
+
+def test_plan_config_runs_the_config_as_trained(tmp_path, capsys):
+    from vitscale.plan.planner import plan_config
+
+    config = tmp_path / "run.yaml"
+    config.write_text("# vitscale plan: 16 devices x 40GB\nmodel: {name: L/16}\n"
+                      "data: {batch_size: 1024, img_size: 224}\naccum_steps: 2\nprecision: bf16\n"
+                      "optim: {name: adafactor_bv}\n"
+                      "parallel: {dp_shard: 4, activation_checkpointing: every:2}\n")
+    p = plan_config(config)
+    assert p.batch == 1024 // 16 // 2 and p.device_memory == 40 * 10**9
+    assert p.layout["dp_replicate"] == 4 and p.layout["dp_shard"] == 4
+    assert (p.optimizer, p.act_ckpt, p.precision) == ("adafactor_bv", "every:2", "bf16")
+    same = plan("L/16", batch=32, precision="bf16", optim="adafactor_bv", dp_shard=4,
+                dp_replicate=4, act_ckpt="every:2", device_memory="40GB", num_classes=10)
+    assert same.total_bytes == p.total_bytes
+    assert main(["plan", "--config", str(config), "--devices", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["batch"] == 64
+    assert main(["plan", "--config", str(config), "--devices", "6"]) == 2
+    assert "dp_shard x tp" in capsys.readouterr().err
+
+
+def test_models_without_a_closed_form_are_measured():
+    from vitscale.models.registry import any_config
+    from vitscale.plan.measure import measured_activations
+
+    cfg = any_config("asvit:4,2,2|2,1,2|2,1,2|2,1,2|8,16", img_size=32, num_classes=10)
+    torch.manual_seed(0)
+    model = build(cfg).train()
+    for every in (0, 1):
+        if every:
+            apply_activation_checkpointing(transformer_blocks(model), every)
+        got = saved_bytes(model, torch.zeros(5, 3, 32, 32), False, "flash")
+        assert measured_activations(cfg, 5, "fp32", "flash", every).saved == got
+    p = plan(cfg, batch=8, act_ckpt="full")
+    assert p.activations_bytes == pytest.approx(
+        measured_activations(cfg, 8, "bf16", "flash", 1).peak, abs=1)
+    hybrid = plan("R26+S/32", img_size=64, batch=8, act_ckpt="full")
+    assert 0 < hybrid.activations_bytes < plan("R26+S/32", img_size=64, batch=8).activations_bytes

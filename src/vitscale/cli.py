@@ -326,21 +326,33 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         table = plan_table([args.model] if args.model else None, batch=args.batch,
                            precision=args.precision, optim=args.optim, kernel=args.kernel,
-                           device_memory=args.device_memory, margin=args.margin,
+                           device_memory=args.device_memory or "80GiB", margin=args.margin,
                            img_size=args.img_size, num_classes=args.num_classes)
         print(json.dumps(table) if args.json else
-              f"smallest layout that fits {args.device_memory} per device, {args.batch} images "
+              f"smallest layout that fits {args.device_memory or '80GiB'} per device, {args.batch} images "
               f"per device, {args.optim}, {args.precision} (ddp / fsdpN / hsdpRxN / tpN, +ac: "
               f"activation checkpointing, -: none fits):\n" + render_table(table))
         return 0
+    config = args.config or (args.model if args.model and
+                             args.model.endswith((".yaml", ".yml")) else None)
+    if config:
+        from vitscale.plan.planner import plan_config
+
+        result = plan_config(config, args.set, devices=args.devices,
+                             device_memory=args.device_memory, margin=args.margin,
+                             num_classes=args.num_classes if args.num_classes != 1000 else None,
+                             kernel=args.kernel, gpu=args.gpu, peak_tflops=args.peak_tflops,
+                             mfu=args.mfu)
+        print(json.dumps(result.to_json(), indent=2) if args.json else render(result))
+        return 0
     if not args.model:
-        raise UserError("vitscale plan needs a MODEL (e.g. B/16), or --table")
+        raise UserError("vitscale plan needs a MODEL (e.g. B/16), --config FILE.yaml or --table")
     result = plan(args.model, img_size=args.img_size, batch=args.batch, precision=args.precision,
                   optim=args.optim, dp_shard=args.dp_shard, tp=args.tp,
                   dp_replicate=args.dp_replicate, act_ckpt=args.act_ckpt,
                   param_dtype=args.param_dtype, reduce_dtype=args.reduce_dtype,
                   sequence_parallel=args.sequence_parallel, kernel=args.kernel,
-                  device_memory=args.device_memory, margin=args.margin,
+                  device_memory=args.device_memory or "80GiB", margin=args.margin,
                   num_classes=args.num_classes, gpu=args.gpu, peak_tflops=args.peak_tflops,
                   mfu=args.mfu)
     print(json.dumps(result.to_json(), indent=2) if args.json else render(result))
@@ -383,9 +395,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="per-device memory (params, grads, optimizer, FSDP, "
                        "activations), whether it fits, the largest batch, FLOPs per step")
-    p.add_argument("model", nargs="?", help="a named size such as B/16, g/14, 22B/14")
+    p.add_argument("model", nargs="?", help="a named size (B/16, 22B/14), asvit-*, a config "
+                   "YAML or a checkpoint")
     p.add_argument("--table", action="store_true", help="named sizes x 1..1024 devices: the "
                    "smallest layout that fits each")
+    p.add_argument("--config", help="plan a training config as `vitscale train` runs it")
+    p.add_argument("--devices", type=int, help="with --config: the process count (default: "
+                   "the config's `# vitscale plan: N devices x MEM` comment)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="with --config: overrides, e.g. accum_steps=2")
     p.add_argument("--img-size", type=int, help="resolution (default: the model's, 224)")
     p.add_argument("--batch", type=int, default=32, help="images per device per micro-batch")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
@@ -403,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequence-parallel", action="store_true")
     p.add_argument("--kernel", choices=("flash", "math"), default="flash",
                    help="attention kernel: fused (flash / efficient / cuDNN) or math")
-    p.add_argument("--device-memory", default="80GiB", help="e.g. 80GiB, 40GB, 24GiB")
+    p.add_argument("--device-memory", help="e.g. 80GiB, 40GB, 24GiB (default 80GiB, or what "
+                   "a --config states)")
     p.add_argument("--margin", type=float, default=0.10, help="memory kept free (fraction)")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--gpu", help="device name for the peak FLOP/s (H100-SXM, A100-80GB, ...)")

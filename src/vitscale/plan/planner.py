@@ -146,16 +146,9 @@ def plan(model, *, img_size: int | None = None, batch: int = 32, precision: str 
     """Plan one process of a run of `model` (a named size such as "B/16", or a ModelConfig).
     `batch` is per device (per micro-batch)."""
     from vitscale.config import OptimConfig
-    from vitscale.models.config import ModelConfig, pair
-    from vitscale.models.counts import count
+    from vitscale.models.config import pair
 
     cfg = _model_config(model, img_size, num_classes)
-    if not isinstance(cfg, ModelConfig):
-        raise ConfigError("vitscale plan models ViTs (named sizes, hybrids excepted); As-ViT "
-                          "activations are not modelled yet")
-    if cfg.stem == "hybrid":
-        raise ConfigError("vitscale plan does not model a hybrid ResNet stem's activations; "
-                          "plan its ViT (e.g. B/16) and add the stem by hand")
     if batch < 1:
         raise ConfigError(f"--batch {batch} must be at least 1 image per device")
     if kernel not in ("flash", "math"):
@@ -183,23 +176,35 @@ def plan(model, *, img_size: int | None = None, batch: int = 32, precision: str 
     params, grads, opt, fsdp, ddp = _static_bytes(cfg, optim_cfg, layout, param_dtype,
                                                   reduce_dtype)
 
+    # Activations are linear in the batch (every saved tensor is per image): two points.
+    if closed_form(cfg):
+        one, two = (activation_bytes(cfg, b, img, precision, param_dtype, kernel, every, tp,
+                                     sequence_parallel, device).peak for b in (1, 2))
+    else:
+        from vitscale.plan.measure import measured_activations
+
+        if param_dtype != "float32":
+            raise ConfigError("--param-dtype bfloat16 is planned for ViTs only (As-ViT and "
+                              "hybrid activations are measured with fp32 weights)")
+        one, two = (measured_activations(cfg, b, precision, kernel, every).peak for b in (1, 2))
+    per_image = two - one
+
     def activations(b: int) -> float:
-        return activation_bytes(cfg, b, img, precision, param_dtype, kernel, every, tp,
-                                sequence_parallel, device).peak
+        return one + (b - 1) * per_image
 
     act = activations(batch)
     static = params + grads + opt + fsdp + ddp
     total = static + act
     budget = memory * (1 - margin)
-    # activations are affine in the batch: a + b x per_image
-    base = activations(1)
-    per_image = activations(2) - base
-    max_batch = max(0, int((budget - static - (base - per_image)) // per_image))
+    max_batch = max(0, int((budget - static - one) // per_image) + 1)
     while max_batch > 0 and static + activations(max_batch) > budget:
         max_batch -= 1
 
-    flops = count(cfg, img).flops
-    recomputed = sum(1 for i in range(cfg.depth) if every and (i + 1) % every == 0) / cfg.depth
+    flops = forward_flops(cfg, img)
+    from vitscale.plan.activations import checkpointed
+
+    depth = sum(cfg.depths) if hasattr(cfg, "depths") else cfg.depth
+    recomputed = sum(checkpointed(depth, every)) / depth  # one more forward of those blocks
     step_flops = (3 + recomputed) * flops * batch / tp
     peak = peak_flops(gpu, peak_tflops)
     return Plan(
@@ -216,12 +221,40 @@ def plan(model, *, img_size: int | None = None, batch: int = 32, precision: str 
         mfu=mfu, peak_flops=peak)
 
 
+def closed_form(cfg) -> bool:
+    """A ViT without the hybrid stem: activations in closed form (plan/activations.py)."""
+    from vitscale.models.config import ModelConfig
+
+    return isinstance(cfg, ModelConfig) and cfg.stem != "hybrid"
+
+
+def forward_flops(cfg, img: tuple[int, int]) -> int:
+    """Forward FLOPs per image of a ViT (models.counts) or an As-ViT."""
+    from vitscale.models.asvit import AsViTConfig, asvit_counts
+    from vitscale.models.counts import count
+
+    return asvit_counts(cfg, img).flops if isinstance(cfg, AsViTConfig) else count(cfg, img).flops
+
+
 def _model_config(model, img_size: int | None, num_classes: int):
+    """A ModelConfig / AsViTConfig from a config, a name (B/16, asvit-small, asvit:...) or a
+    checkpoint path (a run directory, a vitscale folder, timm / big_vision / HF weights)."""
+    from pathlib import Path
+
+    from vitscale.models.asvit import AsViTConfig
     from vitscale.models.config import ModelConfig
     from vitscale.models.registry import any_config
 
-    if isinstance(model, ModelConfig):
+    if isinstance(model, (ModelConfig, AsViTConfig)):
         return model if img_size is None else model.replace(img_size=img_size)
+    path = Path(str(model))
+    if path.exists():
+        from vitscale.models.weights import read_checkpoint
+
+        if (path / "model").is_dir():  # a run directory: its final weights
+            path = path / "model"
+        cfg, _ = read_checkpoint(path)
+        return cfg if img_size is None else cfg.replace(img_size=img_size)
     overrides = {"num_classes": num_classes}
     if img_size is not None:
         overrides["img_size"] = img_size
@@ -234,3 +267,49 @@ def _check_tp(cfg, tp: int, sequence_parallel: bool) -> None:
 
     model, _ = meta_model(cfg)
     check_tp(model, tp, sequence_parallel)
+
+
+_STATED = re.compile(r"^#\s*vitscale plan:\s*(\d+)\s*devices?\s*x\s*(\S+)", re.IGNORECASE | re.M)
+
+
+def stated_devices(path) -> tuple[int, str] | None:
+    """(device count, device memory) a config states for itself in a comment line
+    `# vitscale plan: 32 devices x 80GiB`, or None."""
+    from pathlib import Path
+
+    m = _STATED.search(Path(path).read_text())
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def plan_config(path, overrides: list[str] | None = None, *, devices: int | None = None,
+                device_memory: str | int | None = None, num_classes: int | None = None,
+                **kwargs) -> Plan:
+    """Plan a training config as `vitscale train` would run it on `devices` processes (by
+    default the count its `# vitscale plan:` comment states, else the fewest its parallel
+    section runs on): the layout from `parallel.*`, the micro-batch per device from
+    data.batch_size / data-parallel ranks / accum_steps, its precision, optimizer (with its
+    groups and settings) and checkpointing."""
+    from vitscale.config import load_config
+
+    cfg = load_config(path, overrides or [])
+    stated = stated_devices(path)
+    par = cfg.parallel
+    if devices is None:
+        devices = stated[0] if stated else (par.dp_replicate or 1) * par.dp_shard * par.tp
+    if device_memory is None:
+        device_memory = stated[1] if stated else "80GiB"
+    replicate, shard, tp = par.layout(devices)
+    ranks = replicate * shard * cfg.accum_steps
+    if cfg.data.batch_size % ranks:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} does not split into "
+                          f"{replicate * shard} data-parallel ranks x accum_steps="
+                          f"{cfg.accum_steps} on {devices} devices")
+    if num_classes is None:
+        num_classes = 10 if cfg.data.source == "digits" else 1000
+    model = cfg.model.build_config(num_classes, cfg.data.img_size)
+    return plan(model, batch=cfg.data.batch_size // ranks, precision=cfg.precision,
+                optim=cfg.optim.name, optim_cfg=cfg.optim, dp_shard=shard, tp=tp,
+                dp_replicate=replicate, act_ckpt=par.activation_checkpointing,
+                param_dtype=par.param_dtype, reduce_dtype=par.reduce_dtype,
+                sequence_parallel=par.sequence_parallel, device_memory=device_memory,
+                device="cpu" if cfg.device == "cpu" else "cuda", **kwargs)

@@ -193,3 +193,13 @@ def test_models_without_a_closed_form_are_measured():
         measured_activations(cfg, 8, "bf16", "flash", 1).peak, abs=1)
     hybrid = plan("R26+S/32", img_size=64, batch=8, act_ckpt="full")
     assert 0 < hybrid.activations_bytes < plan("R26+S/32", img_size=64, batch=8).activations_bytes
+
+
+def test_a_checkpoint_is_planned_from_its_config(tmp_path):
+    from vitscale.models import save
+
+    cfg = model_config("S/16", num_classes=37, img_size=96, pool="gap")
+    save(build(cfg), tmp_path / "run" / "model")
+    for where in (tmp_path / "run", tmp_path / "run" / "model"):  # a run directory or its model
+        p = plan(str(where), batch=4)
+        assert p.total_bytes == plan(cfg, batch=4).total_bytes and p.img_size == [96, 96]

@@ -5,9 +5,10 @@ parameter names and shapes and for the optimizer's own parameter groups (`build_
 weight-decay groups, AdafactorBV's factoring views). Each parameter's local shard follows the
 layout vitscale.parallel gives it:
 
-- tensor parallelism (parallel/tp.py `apply_tp`): fused qkv / kv weights and biases split per
-  head on dim 0, fc1 and the MAP head's q column-wise (dim 0), proj / fc2 weights row-wise
-  (dim 1); everything else (stem, norms, biases after a row-wise layer, head) replicated;
+- tensor parallelism (parallel/tp.py `apply_tp`): fused qkv / kv weights split per head on
+  dim 0 (their biases whole), fc1 and the MAP head's q column-wise (dim 0, with their biases),
+  proj / fc2 weights row-wise (dim 1); everything else (stem, norms, biases after a row-wise
+  layer, head) replicated;
 - FSDP2 (`fully_shard` over dp_shard; HSDP replicas hold the same) on dim 0 of that local
   tensor, dim 1 for the fused weights under TP (`fsdp_shard_placement`), in torch.chunk's
   pieces: ceil(n / k) rows per rank, the last ranks fewer or none.
@@ -30,8 +31,10 @@ FP32 = 4
 
 # Parameter name -> (TP split dim, heads-strided groups); None: replicated over the TP ranks.
 _TP_RULES: list[tuple[re.Pattern[str], int, int]] = [
-    (re.compile(r"(^|\.)attn\.qkv\.(weight|bias)$"), 0, 3),
-    (re.compile(r"(^|\.)attn_pool\.kv\.(weight|bias)$"), 0, 2),
+    # the fused qkv / kv weights per head; their biases stay whole (parallel/tp.py
+    # _FusedColwise: each rank adds its slice)
+    (re.compile(r"(^|\.)attn\.qkv\.weight$"), 0, 3),
+    (re.compile(r"(^|\.)attn_pool\.kv\.weight$"), 0, 2),
     (re.compile(r"(^|\.)(mlp\.fc1|attn_pool\.q)\.(weight|bias)$"), 0, 1),
     (re.compile(r"(^|\.)(attn\.proj|attn_pool\.proj|mlp\.fc2)\.weight$"), 1, 1),
 ]

@@ -55,9 +55,13 @@ def test_max_batch_is_the_largest_that_fits():
         over = plan(gap, batch=first.max_batch + 1, device_memory="24GiB", **kwargs)
         assert at.fits and not over.fits, kwargs
         assert at.total_bytes <= 24 * 2**30 * 0.9 < over.total_bytes
-        parts = (at.params_bytes + at.grads_bytes + at.optimizer_bytes + at.fsdp_buffers_bytes
+        # the peak: at the start of backward (no gradients yet) here, activations held
+        assert at.peak_at == "backward start"
+        parts = (at.params_bytes + at.optimizer_bytes + at.fsdp_buffers_bytes
                  + at.comm_buffers_bytes + at.activations_bytes)
         assert abs(parts - at.total_bytes) <= 1
+        kept = plan(gap, batch=first.max_batch, device_memory="24GiB", accum_steps=2, **kwargs)
+        assert kept.total_bytes - at.total_bytes == at.grads_bytes  # accumulation keeps them
 
 
 def test_flops_and_time_per_step():
@@ -168,7 +172,8 @@ def test_plan_config_runs_the_config_as_trained(tmp_path, capsys):
     assert p.layout["dp_replicate"] == 4 and p.layout["dp_shard"] == 4
     assert (p.optimizer, p.act_ckpt, p.precision) == ("adafactor_bv", "every:2", "bf16")
     same = plan("L/16", batch=32, precision="bf16", optim="adafactor_bv", dp_shard=4,
-                dp_replicate=4, act_ckpt="every:2", device_memory="40GB", num_classes=10)
+                dp_replicate=4, act_ckpt="every:2", device_memory="40GB", num_classes=10,
+                accum_steps=2)
     assert same.total_bytes == p.total_bytes
     assert main(["plan", "--config", str(config), "--devices", "8", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["batch"] == 64

@@ -354,7 +354,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                   sequence_parallel=args.sequence_parallel, kernel=args.kernel,
                   device_memory=args.device_memory or "80GiB", margin=args.margin,
                   num_classes=args.num_classes, gpu=args.gpu, peak_tflops=args.peak_tflops,
-                  mfu=args.mfu)
+                  mfu=args.mfu, accum_steps=args.accum_steps)
     print(json.dumps(result.to_json(), indent=2) if args.json else render(result))
     return 0
 
@@ -410,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16: autocast, as `precision: bf16` in a training config")
     p.add_argument("--optim", choices=("adamw", "adam_bf16", "adafactor_bv", "sgd"),
                    default="adamw")
+    p.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps "
+                   "(gradients are then held through the peak)")
     p.add_argument("--dp-shard", type=int, default=1, help="FSDP2 degree")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     p.add_argument("--dp-replicate", type=int, default=1, help="DDP / HSDP replicas")

@@ -18,7 +18,8 @@ width, H heads, each saved tensor counted once per storage (views share it):
 - dropout keeps a 1-byte mask per element it drops.
 
 Activation checkpointing keeps a checkpointed block's input only; backward recomputes one
-block at a time, so the peak adds the largest block's activations once. Tensor parallelism
+block at a time, so the peak adds the largest block's activations once. Backward also holds a
+block's gradient temporaries (its MLP hidden gradient, two residual-stream gradients). Tensor parallelism
 splits everything between the column-wise and the row-wise layers by tp (heads, the MLP
 width); sequence parallelism splits the rest (norms, residual) by tp too.
 
@@ -133,10 +134,19 @@ def checkpointed(depth: int, every: int) -> list[bool]:
 class Activations:
     saved: float  # at the end of forward
     recompute: float  # one checkpointed block's activations rebuilt in backward
+    backward: float = 0.0  # a block's gradient temporaries in backward
 
     @property
     def peak(self) -> float:
-        return self.saved + self.recompute
+        return self.saved + self.recompute + self.backward
+
+
+def backward_bytes(shape: Shape, prec: Precision, tp: int = 1, sp: bool = False) -> float:
+    """The temporaries of one block's backward: the gradient of the MLP's hidden activation
+    (M wide, split by tp) and two residual-stream gradients (the block's output and input)."""
+    b, n = shape.batch, shape.tokens
+    return prec.compute * b * n * shape.mlp / tp + 2 * prec.residual * b * n * shape.width / (
+        tp if sp else 1)
 
 
 def matmul_weights(cfg, tp: int = 1) -> tuple[int, int]:
@@ -181,4 +191,5 @@ def activation_bytes(cfg, batch: int, img_size: tuple[int, int], precision: str 
         block_w, other_w = matmul_weights(cfg, tp)
         one += 2 * block_w  # cast again when a checkpointed block is recomputed
         saved += 2 * (other_w + block_w * flags.count(False))
-    return Activations(saved=saved, recompute=one if any(flags) else 0.0)
+    return Activations(saved=saved, recompute=one if any(flags) else 0.0,
+                       backward=backward_bytes(shape, prec, tp, sp))

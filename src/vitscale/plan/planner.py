@@ -1,12 +1,14 @@
 """`plan(...)`: what one process of a training run holds, whether it fits, the largest batch.
 
 Every figure is per device (process), in bytes, for one training step of `batch` images per
-device (the micro-batch: the global batch / data-parallel ranks / accumulation steps):
+device (the micro-batch: the global batch / data-parallel ranks / accumulation steps); the
+total is the peak, at the start of backward (every activation held, the gradients not yet
+allocated unless accumulation keeps them) or at its end (gradients whole):
 
 - parameters, gradients, optimizer state: plan/states.py (exact: the real tensors' bytes);
 - FSDP2's unsharded buffers: the current and the prefetched block's parameters gathered in
-  parallel.param_dtype, one block's unsharded gradient in reduce_dtype before its
-  reduce-scatter, the root's (stem, head) parameters and gradient kept gathered;
+  parallel.param_dtype (dim 0 padded to the shard count), one block's unsharded gradient in
+  reduce_dtype before its reduce-scatter, the root's (stem, head) parameters kept gathered;
 - DDP's gradient buckets (a second copy of the gradients, torch's default);
 - activations: plan/activations.py, with the recomputed block of activation checkpointing.
 
@@ -113,6 +115,8 @@ class Plan:
     margin: float
     fits: bool
     max_batch: int
+    accum_steps: int  # gradients are held through the peak when > 1
+    peak_at: str  # "backward start" (activations held) or "backward end" (gradients whole)
     flops_per_step: float  # per device, for its `batch` images
     step_time_s: float | None
     mfu: float
@@ -123,17 +127,22 @@ class Plan:
 
 
 def _static_bytes(cfg, optim_cfg, layout: Layout, param_dtype: str,
-                  reduce_dtype: str) -> tuple[int, int, int, int, int]:
-    """(params, grads, optimizer, FSDP buffers, DDP buckets) bytes of the fullest process."""
+                  reduce_dtype: str) -> tuple[int, int, int, int, int, int]:
+    """(params, grads, optimizer, FSDP buffers while activations are held, FSDP buffers at the
+    end of backward, DDP buckets) bytes of the fullest process."""
     state = model_state(cfg, optim_cfg, layout, rank=0)
-    fsdp = ddp = 0
+    fsdp = fsdp_end = ddp = 0
     if layout.dp_shard > 1 or layout.dp_replicate > 1 and layout.tp > 1:  # FSDP2 wraps
         block, root = block_params(cfg, layout)
         p, g = _DTYPE_BYTES[param_dtype], _DTYPE_BYTES[reduce_dtype]
-        fsdp = 2 * block * p + block * g + root * (p + g)
+        # the current and the prefetched block gathered, one block's unsharded gradient
+        # before its reduce-scatter, the root's parameters kept gathered; at the end of
+        # backward, the root's unsharded gradient instead of the blocks'
+        fsdp = 2 * block * p + block * g + root * p
+        fsdp_end = root * (p + g)
     elif layout.dp_replicate > 1:
         ddp = state.grads
-    return state.params, state.grads, state.optimizer, fsdp, ddp
+    return state.params, state.grads, state.optimizer, fsdp, fsdp_end, ddp
 
 
 def plan(model, *, img_size: int | None = None, batch: int = 32, precision: str = "bf16",
@@ -142,7 +151,8 @@ def plan(model, *, img_size: int | None = None, batch: int = 32, precision: str 
          sequence_parallel: bool = False, kernel: str = "flash",
          device_memory: str | int = "80GiB", margin: float = DEFAULT_MARGIN,
          num_classes: int = 1000, gpu: str | None = None, peak_tflops: float | None = None,
-         mfu: float = 0.4, device: str = "cuda", optim_cfg=None) -> Plan:
+         mfu: float = 0.4, device: str = "cuda", accum_steps: int = 1,
+         optim_cfg=None) -> Plan:
     """Plan one process of a run of `model` (a named size such as "B/16", or a ModelConfig).
     `batch` is per device (per micro-batch)."""
     from vitscale.config import OptimConfig
@@ -151,6 +161,8 @@ def plan(model, *, img_size: int | None = None, batch: int = 32, precision: str 
     cfg = _model_config(model, img_size, num_classes)
     if batch < 1:
         raise ConfigError(f"--batch {batch} must be at least 1 image per device")
+    if accum_steps < 1:
+        raise ConfigError(f"accum_steps {accum_steps} must be at least 1")
     if kernel not in ("flash", "math"):
         raise ConfigError(f"--kernel {kernel!r}: use flash (fused attention) or math")
     if precision not in ("fp32", "bf16"):
@@ -173,8 +185,8 @@ def plan(model, *, img_size: int | None = None, batch: int = 32, precision: str 
     memory = parse_memory(device_memory)
     img = pair(cfg.img_size)
 
-    params, grads, opt, fsdp, ddp = _static_bytes(cfg, optim_cfg, layout, param_dtype,
-                                                  reduce_dtype)
+    params, grads, opt, fsdp, fsdp_end, ddp = _static_bytes(cfg, optim_cfg, layout,
+                                                            param_dtype, reduce_dtype)
 
     # Activations are linear in the batch (every saved tensor is per image): two points.
     if closed_form(cfg):
@@ -192,12 +204,23 @@ def plan(model, *, img_size: int | None = None, batch: int = 32, precision: str 
     def activations(b: int) -> float:
         return one + (b - 1) * per_image
 
+    # The peak is at the start of backward, with every activation held: zero_grad sets the
+    # gradients to None, so they are not there yet unless accumulation keeps them from the
+    # micro-batches before; or at the end of backward, activations gone, gradients whole.
+    held = grads if accum_steps > 1 else 0
+    static = params + opt + ddp
+
+    def peak(b: int) -> tuple[float, str]:
+        start = fsdp + held + activations(b)
+        end = grads + fsdp_end
+        return (static + start, "backward start") if start >= end else (static + end,
+                                                                        "backward end")
+
     act = activations(batch)
-    static = params + grads + opt + fsdp + ddp
-    total = static + act
+    total, peak_at = peak(batch)
     budget = memory * (1 - margin)
-    max_batch = max(0, int((budget - static - one) // per_image) + 1)
-    while max_batch > 0 and static + activations(max_batch) > budget:
+    max_batch = max(0, int((budget - static - fsdp - held - one) // per_image) + 1)
+    while max_batch > 0 and peak(max_batch)[0] > budget:
         max_batch -= 1
 
     flops = forward_flops(cfg, img)
@@ -217,6 +240,7 @@ def plan(model, *, img_size: int | None = None, batch: int = 32, precision: str 
         optimizer_bytes=opt, fsdp_buffers_bytes=fsdp, comm_buffers_bytes=ddp,
         activations_bytes=int(math.ceil(act)), total_bytes=int(math.ceil(total)),
         device_memory=memory, margin=margin, fits=total <= budget, max_batch=max_batch,
+        accum_steps=accum_steps, peak_at=peak_at,
         flops_per_step=step_flops, step_time_s=step_flops / (peak * mfu) if peak else None,
         mfu=mfu, peak_flops=peak)
 
@@ -312,4 +336,5 @@ def plan_config(path, overrides: list[str] | None = None, *, devices: int | None
                 dp_replicate=replicate, act_ckpt=par.activation_checkpointing,
                 param_dtype=par.param_dtype, reduce_dtype=par.reduce_dtype,
                 sequence_parallel=par.sequence_parallel, device_memory=device_memory,
-                device="cpu" if cfg.device == "cpu" else "cuda", **kwargs)
+                device="cpu" if cfg.device == "cpu" else "cuda", accum_steps=cfg.accum_steps,
+                **kwargs)

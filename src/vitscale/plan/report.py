@@ -33,8 +33,13 @@ def render(p: Plan) -> str:
     lines += [f"  {name:<{width}}{human(value):>12}" for name, value in rows]
     budget = p.device_memory * (1 - p.margin)
     verdict = "fits" if p.fits else "does NOT fit"
-    lines.append(f"  {'total':<{width}}{human(p.total_bytes):>12}  {verdict} in "
-                 f"{human(p.device_memory)} less a {p.margin:.0%} margin ({human(budget)})")
+    where = ("the start of backward: every activation held, gradients not allocated yet"
+             if p.peak_at == "backward start" else "the end of backward: gradients whole")
+    if p.peak_at == "backward start" and p.accum_steps > 1:
+        where = "the start of backward, gradients kept from the micro-batches before"
+    lines.append(f"  {'peak':<{width}}{human(p.total_bytes):>12}  at {where}")
+    lines.append(f"  {verdict} in {human(p.device_memory)} less a {p.margin:.0%} margin "
+                 f"({human(budget)})")
     lines.append(f"largest batch per device that fits: {p.max_batch}")
     lines.append(f"training FLOPs per step per device: {p.flops_per_step:.3e}")
     if p.step_time_s is not None:

@@ -171,14 +171,20 @@ def model_state(cfg, optim_cfg, layout: Layout, rank: int = 0) -> ModelState:
 
 
 def block_params(cfg, layout: Layout) -> tuple[int, int]:
-    """(elements of the largest transformer block's local TP shard, elements outside the
-    blocks), what FSDP2 all-gathers per block and keeps gathered for the root."""
+    """(elements of the largest transformer block, elements outside the blocks) as FSDP2
+    all-gathers them over dp_shard: this TP rank's share, each tensor's dim 0 padded to a
+    multiple of dp_shard (every rank sends an equal piece; a position embedding of dim 0 size
+    1 gathers dp_shard rows)."""
     _, params = meta_model(cfg)
     per_block: dict[str, int] = {}
     root = 0
+    k = layout.dp_shard
     for p in params:
         m = re.match(r"^((?:blocks|stages\.\d+)\.\d+)\.", p.name)
-        numel = math.prod(local_shape(p, Layout(tp=layout.tp), 0, 0))
+        shape = list(local_shape(p, Layout(tp=layout.tp), 0, 0))
+        dim = 1 if layout.tp > 1 and p.tp_groups > 1 and len(shape) > 1 else 0
+        shape[dim] = -(-shape[dim] // k) * k
+        numel = math.prod(shape)
         if m:
             per_block[m.group(1)] = per_block.get(m.group(1), 0) + numel
         else:

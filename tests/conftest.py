@@ -1,6 +1,5 @@
 """Tests marked `gpu` run only where CUDA is available; everywhere else they are skipped. The
-torchrun launches tests/test_parallel.py reads start in the background once it is collected
-(tests/launches.py)."""
+torchrun launches tests/test_parallel.py reads run once per session (tests/launches.py)."""
 
 from __future__ import annotations
 
@@ -26,11 +25,6 @@ def launches(config):
     if LAUNCHES not in config.stash:
         config.stash[LAUNCHES] = Launches()
     return config.stash[LAUNCHES]
-
-
-def pytest_collection_finish(session):
-    if any(item.path.name == "test_parallel.py" for item in session.items):
-        launches(session.config).start()
 
 
 def pytest_sessionfinish(session):

@@ -78,6 +78,9 @@ REFUSED = {
                "17 tokens"),
     "hybrid": (["model.name=R26+S/32", "data.img_size=32", "parallel.tp=2"], "hybrid"),
     "asvit": (["model.name=asvit-small", "data.img_size=32", "parallel.tp=2"], "As-ViT"),
+    # plain DDP (no parallel.*): the global batch must split over processes and micro-batches
+    "batch": (["data.batch_size=34", "accum_steps=2"],
+              "data.batch_size=34 must be divisible by accum_steps=2 x 2 data-parallel processes"),
 }
 
 
@@ -135,9 +138,33 @@ def refusals(out: Path) -> None:
         dist.barrier()
 
 
-def main(out: str, launch: str) -> None:
+# The 4-process launch's step-5 checkpoint of this run, resumed on 2 processes (FSDP only) by
+# the 2-process launch, which therefore runs second and is given the 4-process launch's folder.
+MESH_SOURCE = ("four", "fsdp2xtp2", "mesh-source")
+READS = {"two": "four"}
+
+
+def resume_on_two(source: Path, out: Path) -> None:
+    """Copy the run `source` without its step-10 checkpoint and final weights to `out`, and
+    resume it from step 5 with FSDP 2 (rank 0 copies; the trainer warns on stderr)."""
+    import shutil
+
+    import torch.distributed as dist
+
+    from vitscale.train import run
+
+    if dist.get_rank() == 0:
+        shutil.copytree(source, out, ignore=shutil.ignore_patterns("model", "model_ema"))
+        shutil.rmtree(out / "checkpoints" / "step-000000010")
+        (out / "checkpoints" / "latest").write_text("step-000000005\n")
+    dist.barrier()
+    run(None, settings("mesh-source") + ["parallel.dp_shard=2", f"out_dir={out}"])
+
+
+def main(out: str, launch: str, read: str | None = None) -> None:
     """Every run of LAUNCHES[launch] into OUT/<layout>/<run>, then (on 2 processes) the refused
-    settings into OUT/refused/<name>."""
+    settings into OUT/refused/<name> and the 4-process checkpoint resumed into OUT/mesh-on-2
+    (READ: the 4-process launch's folder)."""
     import torch.distributed as dist
 
     from vitscale.train import run
@@ -148,8 +175,9 @@ def main(out: str, launch: str) -> None:
             run(None, settings(name) + parallel + [f"out_dir={Path(out) / layout / name}"])
     if launch == "two":
         refusals(Path(out) / "refused")
+        resume_on_two(Path(read).joinpath(*MESH_SOURCE[1:]), Path(out) / "mesh-on-2")
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

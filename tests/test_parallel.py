@@ -22,6 +22,7 @@ from parallel_runs import (
     BASE,
     EXTRA,
     LAUNCHES,
+    MESH_SOURCE,
     REFUSED,
     reference,
     runs,
@@ -56,6 +57,7 @@ def launched(request):
         assert proc.returncode == 0, proc.stderr[-3000:]
         return out, proc.stdout
 
+    launch.stderr = lambda name: launches(request.config).result(name)[1].stderr
     return launch
 
 
@@ -181,25 +183,22 @@ def test_sharded_sigkill_then_resume_is_bitwise_identical(tmp_path, launched):
 
 
 def test_sharded_checkpoint_resumes_on_other_meshes(tmp_path, launched):
-    """The step-5 checkpoint of a 4-process FSDP x TP run, resumed by 2 processes (FSDP only)
-    and by one: DCP reshards every tensor, and the runs end where the 4-process one did."""
+    """The step-5 checkpoint of a 4-process FSDP x TP run, resumed by 2 processes (FSDP only;
+    in the 2-process launch, parallel_runs.resume_on_two) and by one: DCP reshards every
+    tensor, and the runs end where the 4-process one did."""
     import shutil
 
-    source = launched("four")[0] / "fsdp2xtp2" / "mesh-source"
-    for nproc in (2, 1):
-        other = tmp_path / f"on-{nproc}"
-        shutil.copytree(source, other, ignore=shutil.ignore_patterns("model", "model_ema"))
-        overrides = settings("mesh-source")
-        shutil.rmtree(other / "checkpoints" / "step-000000010")
-        (other / "checkpoints" / "latest").write_text("step-000000005\n")
-        if nproc == 1:
-            assert run(None, overrides + [f"out_dir={other}"]).step == 10
-        else:
-            proc = torchrun(nproc, "-m", "vitscale.cli", "train", *overrides, "parallel.dp_shard=2",
-                            f"out_dir={other}")
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            assert "written by 4 process(es), with 2" in proc.stderr
-            assert "exact only up to them" in proc.stderr
+    launch, layout, name = MESH_SOURCE
+    source = launched(launch)[0] / layout / name
+    out, _ = launched("two")
+    assert "written by 4 process(es), with 2" in launched.stderr("two")
+    assert "exact only up to them" in launched.stderr("two")
+    alone = tmp_path / "on-1"
+    shutil.copytree(source, alone, ignore=shutil.ignore_patterns("model", "model_ema"))
+    shutil.rmtree(alone / "checkpoints" / "step-000000010")
+    (alone / "checkpoints" / "latest").write_text("step-000000005\n")
+    assert run(None, settings(name) + [f"out_dir={alone}"]).step == 10
+    for nproc, other in ((2, out / "mesh-on-2"), (1, alone)):
         assert losses(other)[:5] == losses(source)[:5]  # kept from before the checkpoint
         torch.testing.assert_close(torch.tensor(losses(other)), torch.tensor(losses(source)),
                                    atol=1e-5, rtol=0)

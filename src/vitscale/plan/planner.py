@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from vitscale.errors import ConfigError
 from vitscale.parallel.mesh import Layout
 from vitscale.plan.activations import activation_bytes
-from vitscale.plan.states import block_params, max_numel, model_state
+from vitscale.plan.states import block_params, model_state, param_count
 
 DEFAULT_MARGIN = 0.10
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -210,17 +210,17 @@ def plan(model, *, img_size: int | None = None, batch: int = 32, precision: str 
     held = grads if accum_steps > 1 else 0
     static = params + opt + ddp
 
-    def peak(b: int) -> tuple[float, str]:
+    def peak_of(b: int) -> tuple[float, str]:
         start = fsdp + held + activations(b)
         end = grads + fsdp_end
         return (static + start, "backward start") if start >= end else (static + end,
                                                                         "backward end")
 
     act = activations(batch)
-    total, peak_at = peak(batch)
+    total, peak_at = peak_of(batch)
     budget = memory * (1 - margin)
     max_batch = max(0, int((budget - static - fsdp - held - one) // per_image) + 1)
-    while max_batch > 0 and peak(max_batch)[0] > budget:
+    while max_batch > 0 and peak_of(max_batch)[0] > budget:
         max_batch -= 1
 
     flops = forward_flops(cfg, img)
@@ -236,7 +236,7 @@ def plan(model, *, img_size: int | None = None, batch: int = 32, precision: str 
                 "sequence_parallel": sequence_parallel},
         precision=precision, param_dtype=param_dtype, reduce_dtype=reduce_dtype,
         optimizer=optim_cfg.name, act_ckpt=act_ckpt, kernel=kernel,
-        params=max_numel(cfg), params_bytes=params, grads_bytes=grads,
+        params=param_count(cfg), params_bytes=params, grads_bytes=grads,
         optimizer_bytes=opt, fsdp_buffers_bytes=fsdp, comm_buffers_bytes=ddp,
         activations_bytes=int(math.ceil(act)), total_bytes=int(math.ceil(total)),
         device_memory=memory, margin=margin, fits=total <= budget, max_batch=max_batch,

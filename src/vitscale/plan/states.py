@@ -192,6 +192,6 @@ def block_params(cfg, layout: Layout) -> tuple[int, int]:
     return max(per_block.values(), default=0), root
 
 
-def max_numel(cfg) -> int:
+def param_count(cfg) -> int:
     """The model's parameter count."""
     return sum(math.prod(p.shape) for p in meta_model(cfg)[1])

@@ -135,6 +135,15 @@ def test_tp2_matches_one_process(monkeypatch):
     assert table["sequential"]["forward"] == {"all_reduce": 2}
     assert table["sequential_sp"]["forward"] == {"all_gather_into_tensor": 2,
                                                  "reduce_scatter_tensor": 2}
+    # vitscale.plan's activations per rank under TP 2 (and SP): what autograd saves there.
+    from vitscale.plan import activation_bytes
+
+    for name, (settings, sp) in tp_worker.VARIANTS.items():
+        cfg = ModelConfig(**{**tp_worker.TINY, **settings})
+        predicted = activation_bytes(cfg, 4, (16, 16), "fp32", kernel="flash", tp=2, sp=sp,
+                                     device="cpu").saved
+        got = result["saved"][name]
+        assert abs(predicted / got - 1) < 0.10, (name, predicted, got)
     # parallel/tp.py's docstring describes DTensor's own dropout on CPU as measured here.
     assert result["dropout_dtensor"] == {"replicate_same_on_ranks": True,
                                          "shard_masks_differ": False, "global_rng_moved": True}

@@ -260,6 +260,40 @@ def _debug(rank: int, what: str) -> None:
         print(f"rank {rank}: {what} ok, {time.process_time():.1f} s CPU", flush=True)
 
 
+def saved_under_tp(name: str, mesh) -> int:
+    """Bytes of the distinct storages autograd saves on this rank in a training forward of
+    the TP model (DTensors counted by their local tensors), its parameters' excepted: what
+    vitscale.plan's activation model predicts per rank."""
+    from torch.distributed.tensor import DTensor
+
+    from vitscale.parallel.tp import apply_tp
+
+    settings, sp = VARIANTS[name]
+    model = build(settings)
+    apply_tp(model, mesh, sp)
+    model.train()
+
+    def storage(t: torch.Tensor):
+        while type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+            # a DTensor's local tensor; a collective's result wrapper (AsyncCollectiveTensor)
+            t = t._local_tensor if isinstance(t, DTensor) else getattr(t, t.__tensor_flatten__()[0][0])
+        return t.untyped_storage()
+
+    params = {storage(p).data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = storage(t)
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    images, _ = batch()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(images)
+    return sum(seen.values())
+
+
 def tp2(rank: int, world: int, init: str, out: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -271,6 +305,7 @@ def tp2(rank: int, world: int, init: str, out: str) -> None:
         for name in VARIANTS:
             result[name] = check_variant(name, mesh, rank)
             _debug(rank, name)
+        result["saved"] = {name: saved_under_tp(name, mesh) for name in VARIANTS}
         result["checkpoint"] = check_checkpoint(mesh, rank, str(Path(out) / "dcp"))
         _debug(rank, "checkpoint")
         result["dropout_dtensor"] = check_dropout_dtensor(mesh, rank)

@@ -4,6 +4,7 @@ decoupled head / body weight decay, and big_vision learning-rate schedules."""
 from __future__ import annotations
 
 import typing
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -31,6 +32,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     included, torch AdamW); adafactor_bv by scheduled_lr * wd, the lr before lr_mult
     (big_vision); sgd adds torch's L2 term wd * theta to the gradient (not decoupled).
     """
+    cls, groups, settings = optimizer_spec(model, cfg)
+    return cls(groups, **settings)
+
+
+def optimizer_spec(model: nn.Module, cfg: OptimConfig) -> tuple[type, list[dict[str, Any]], dict]:
+    """(optimizer class, param groups, constructor settings) that `build_optimizer` builds:
+    for reading the groups without constructing a torch optimizer (vitscale.plan)."""
     if cfg.name not in OPTIMIZERS:
         raise ConfigError(f"optim.name={cfg.name!r} is not an optimizer; choose one of "
                           f"{', '.join(OPTIMIZERS)}")
@@ -38,19 +46,19 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     if not groups:
         raise ConfigError("the model has no trainable parameters to optimize")
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW, groups, dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                               weight_decay=cfg.weight_decay)
     if cfg.name == "adam_bf16":
-        return AdamBF16(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                        weight_decay=cfg.weight_decay)
+        return AdamBF16, groups, dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                      weight_decay=cfg.weight_decay)
     if cfg.name == "adafactor_bv":
         views = factor_views(model)
         for group in groups:
             group["factor_views"] = [views.get(name) for name in group["param_names"]]
-        return AdafactorBV(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                           momentum=cfg.momentum, beta2_cap=cfg.betas[1])
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=False,
-                           weight_decay=cfg.weight_decay)
+        return AdafactorBV, groups, dict(lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                         momentum=cfg.momentum, beta2_cap=cfg.betas[1])
+    return torch.optim.SGD, groups, dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=False,
+                                         weight_decay=cfg.weight_decay)
 
 
 __all__ = [
@@ -64,5 +72,6 @@ __all__ = [
     "factored_dims",
     "param_groups",
     "schedule_value",
+    "optimizer_spec",
     "state_bytes",
 ]

@@ -19,6 +19,7 @@ layouts on CPU processes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass
@@ -87,12 +88,29 @@ def _cached(key: tuple, make):
     return _CACHE[key]
 
 
+@contextlib.contextmanager
+def _shapes_only():
+    """torch.nn.init's fills as no-ops while a model is built on meta: the planner reads shapes
+    only, and torch's meta fills go through its decompositions, whose first use imports
+    torch._dynamo (1.7 s of a 2 s `vitscale plan`). Global while it lasts (one meta build)."""
+    init = torch.nn.init
+    names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(init, n) for n in names}
+    try:
+        for n in names:
+            setattr(init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fill in saved.items():
+            setattr(init, n, fill)
+
+
 def meta_model(cfg) -> tuple[torch.nn.Module, tuple[Param, ...]]:
     """(the model of cfg on the meta device, its parameters), built once per config."""
     from vitscale.models.registry import build
 
     def make():
-        with torch.device("meta"):
+        with torch.device("meta"), _shapes_only():
             model = build(cfg)
         return model, tuple(Param(n, tuple(t.shape), *tp_rule(n))
                             for n, t in model.named_parameters())
@@ -121,13 +139,20 @@ def _state_layout(cfg, optim_cfg) -> tuple:
 
 
 def _describe(cfg, optim_cfg) -> tuple:
-    from vitscale.optim import build_optimizer
+    import inspect
+
+    from vitscale.optim import optimizer_spec
     from vitscale.optim.optimizers import _DTYPES, _kernel
 
     model, _ = meta_model(cfg)
-    optimizer = build_optimizer(model, optim_cfg)
+    # The groups and settings build_optimizer passes, over the class's defaults, as the
+    # optimizer would hold them (constructing a torch optimizer imports torch._dynamo: 3 s).
+    cls, groups, settings = optimizer_spec(model, optim_cfg)
+    defaults = {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    defaults.update(settings)
     out = []
-    for group in optimizer.param_groups:
+    for group in ({**defaults, **g} for g in groups):
         names = group["param_names"]
         views = group.get("factor_views") or [None] * len(names)
         for name, p, view in zip(names, group["params"], views):

@@ -13,15 +13,14 @@ and state_bytes per rank.
 from __future__ import annotations
 
 import copy
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn as nn
 
+from spawning import spawn  # tests/ is on sys.path (pytest's rootdir insertion)
 from vitscale.config import OptimConfig, ScheduleConfig
 from vitscale.models.config import ModelConfig
 from vitscale.models.registry import build
@@ -47,36 +46,12 @@ OPTIMIZERS = {
 
 
 # ---------------------------------------------------------------------------------- launching
-def _worker(rank: int, world: int, init: str, fn_name: str, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        globals()[fn_name](rank, world, Path(tmp))
-    except BaseException:
-        # mp.spawn reports only the first failing rank; keep every rank's traceback.
-        (Path(tmp) / f"error-{rank}.txt").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
-def _launch(fn_name: str, world: int, tmp_path: Path) -> None:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        try:
-            mp.spawn(_worker, args=(world, f"file://{tmp_path / 'init'}", fn_name, str(tmp_path)),
-                     nprocs=world, join=True)
-        except Exception as exc:
-            errors = "\n".join(p.read_text() for p in sorted(tmp_path.glob("error-*.txt")))
-            raise AssertionError(f"{fn_name} failed:\n{errors or exc}") from None
-
-
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory) -> Path:
     """One launch of 4 processes (their start-up costs more than the checks) running both
     workers below; each leaves `done-<worker>` behind when every check of it passed."""
     tmp = tmp_path_factory.mktemp("sharded")
-    _launch("both_workers", 4, tmp)
+    spawn("test_optim_sharded", "both_workers", 4, tmp)
     return tmp
 
 

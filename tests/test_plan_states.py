@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import math
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from spawning import spawn  # tests/ is on sys.path (pytest's rootdir insertion)
 from vitscale.config import OptimConfig
 from vitscale.models.config import ModelConfig
 from vitscale.optim import OPTIMIZERS, build_optimizer, state_bytes
@@ -179,30 +178,6 @@ def test_one_process_equals_the_built_model_and_optimizers(model_name):
 
 
 # ---------------------------------------------------------------------------------- launching
-def _worker(rank: int, world: int, init: str, fn_name: str, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        globals()[fn_name](rank, world, Path(tmp))
-    except BaseException:
-        # mp.spawn reports only the first failing rank; keep every rank's traceback.
-        (Path(tmp) / f"error-{rank}.txt").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
-def _launch(fn_name: str, world: int, tmp_path: Path) -> None:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        try:
-            mp.spawn(_worker, args=(world, f"file://{tmp_path / 'init'}", fn_name, str(tmp_path)),
-                     nprocs=world, join=True)
-        except Exception as exc:
-            errors = "\n".join(p.read_text() for p in sorted(tmp_path.glob("error-*.txt")))
-            raise AssertionError(f"{fn_name} failed:\n{errors or exc}") from None
-
-
 def _build_as_trainer(cfg, layout: Layout, mesh) -> torch.nn.Module:
     """The model as Trainer._build_models lays out a sharded run: on meta everywhere,
     parallelized, filled from rank 0's whole CPU model."""
@@ -259,7 +234,7 @@ def measured(tmp_path_factory) -> list[dict]:
     """One launch of 4 processes (their start-up costs more than the checks): each rank's
     measurements, {layout: {model: ...}}, by rank."""
     tmp = tmp_path_factory.mktemp("plan_states")
-    _launch("measure_worker", WORLD, tmp)
+    spawn("test_plan_states", "measure_worker", WORLD, tmp)
     return [json.loads((tmp / f"results-{rank}.json").read_text()) for rank in range(WORLD)]
 
 

@@ -1,13 +1,14 @@
 """The optimizers on sharded DTensor parameters against the same optimizer on the whole tensors.
 
-One launch of four CPU gloo processes (torch.multiprocessing.spawn) does many checks for both
-tests: DTensor placements as FSDP2, HSDP, tensor parallelism and FSDP x TP lay parameters out
-(Shard on any axis, uneven and empty shards, _StridedShard per head, 2-D meshes), then FSDP2's
-fully_shard itself, 4-way (uneven chunks of factored axes); AdamW, AdamBF16, AdafactorBV (bf16
-and fp32 momentum, factor_views, update clipping) and SGD with weight-decay groups, an lr_mult
-and the schedule; parameters and state (moments, Adafactor's row / column statistics) after five
-steps; torch.distributed.checkpoint saved at one layout and loaded at another; clip_grad_norm_
-and state_bytes per rank.
+One launch of four CPU gloo processes (torch.multiprocessing.spawn), shared with
+tests/test_plan_states.py (tests/sharded_launch.py, run once per session by tests/conftest.py's
+fixture `sharded_launch`), does many checks for both tests: DTensor placements as FSDP2, HSDP,
+tensor parallelism and FSDP x TP lay parameters out (Shard on any axis, uneven and empty shards,
+_StridedShard per head, 2-D meshes), then FSDP2's fully_shard itself, 4-way (uneven chunks of
+factored axes); AdamW, AdamBF16, AdafactorBV (bf16 and fp32 momentum, factor_views, update
+clipping) and SGD with weight-decay groups, an lr_mult and the schedule; parameters and state
+(moments, Adafactor's row / column statistics) after five steps; torch.distributed.checkpoint
+saved at one layout and loaded at another; clip_grad_norm_ and state_bytes per rank.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from spawning import spawn  # tests/ is on sys.path (pytest's rootdir insertion)
 from vitscale.config import OptimConfig, ScheduleConfig
 from vitscale.models.config import ModelConfig
 from vitscale.models.registry import build
@@ -47,12 +47,11 @@ OPTIMIZERS = {
 
 # ---------------------------------------------------------------------------------- launching
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory) -> Path:
-    """One launch of 4 processes (their start-up costs more than the checks) running both
-    workers below; each leaves `done-<worker>` behind when every check of it passed."""
-    tmp = tmp_path_factory.mktemp("sharded")
-    spawn("test_optim_sharded", "both_workers", 4, tmp)
-    return tmp
+def launched(sharded_launch) -> Path:
+    """The folder both_workers below wrote in the session's one launch of 4 processes, shared
+    with tests/test_plan_states.py (tests/sharded_launch.py: their start-up costs more than the
+    checks); each worker leaves `done-<worker>` behind when every check of it passed."""
+    return sharded_launch / "test_optim_sharded"
 
 
 def both_workers(rank: int, world: int, tmp: Path) -> None:

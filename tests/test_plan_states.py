@@ -3,12 +3,15 @@ optimizer state `model_state` predicts from shapes alone must equal, exactly and
 local bytes of the built model and of its optimizer after one step.
 
 - In process: one process (what each DDP replica holds), every optimizer, two model shapes.
-- One launch of four CPU gloo processes (torch.multiprocessing.spawn), laid out as `vitscale
-  train` does (Trainer._build_models: build_mesh, build_on_meta, parallelize, materialize from
-  rank 0's CPU model), one forward / backward for the gradients FSDP2 and TP really leave, then
-  one step of each optimizer: FSDP 4, HSDP 2 x 2 (also against FSDP 2's figure) and FSDP 2 x
-  TP 2 on the four; then, as two worlds of two, TP 2 and FSDP 2. The workers only measure
-  (local shard bytes, per tensor too); the comparisons run here, per layout and model.
+- One launch of four CPU gloo processes (torch.multiprocessing.spawn), shared with
+  tests/test_optim_sharded.py (tests/sharded_launch.py, run once per session by
+  tests/conftest.py's fixture `sharded_launch`; this module's worker runs after that one's),
+  laid out as `vitscale train` does (Trainer._build_models: build_mesh, build_on_meta,
+  parallelize, materialize from rank 0's CPU model), one forward / backward for the gradients
+  FSDP2 and TP really leave, then one step of each optimizer: FSDP 4, HSDP 2 x 2 (also against
+  FSDP 2's figure) and FSDP 2 x TP 2 on the four; then, as two worlds of two, TP 2 and FSDP 2.
+  The workers only measure (local shard bytes, per tensor too); the comparisons run here, per
+  layout and model.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from spawning import spawn  # tests/ is on sys.path (pytest's rootdir insertion)
 from vitscale.config import OptimConfig
 from vitscale.models.config import ModelConfig
 from vitscale.optim import OPTIMIZERS, build_optimizer, state_bytes
@@ -230,11 +232,11 @@ def measure_worker(rank: int, world: int, tmp: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def measured(tmp_path_factory) -> list[dict]:
-    """One launch of 4 processes (their start-up costs more than the checks): each rank's
+def measured(sharded_launch) -> list[dict]:
+    """From the session's one launch of 4 processes, shared with tests/test_optim_sharded.py
+    (tests/sharded_launch.py: their start-up costs more than the checks): each rank's
     measurements, {layout: {model: ...}}, by rank."""
-    tmp = tmp_path_factory.mktemp("plan_states")
-    spawn("test_plan_states", "measure_worker", WORLD, tmp)
+    tmp = sharded_launch / "test_plan_states"
     return [json.loads((tmp / f"results-{rank}.json").read_text()) for rank in range(WORLD)]
 
 

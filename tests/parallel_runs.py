@@ -68,7 +68,32 @@ EXTRA = {
     # Accumulation, EMA, the periodic few-shot evaluator: the training numbers are vit-adamw's.
     "features": ("vit-adamw", ["accum_steps=2", "ema_decay=0.9", "evals.fewshot.every=5",
                                "evals.fewshot.shots=[1,2]", "evals.fewshot.seeds=1"]),
+    # Distillation (function matching at temperature 2) from a frozen teacher sharded as the
+    # student is, its forward passes in lockstep in evaluation too (`distill_teacher`).
+    "distill": ("vit-adamw", ["objective=distill", "distill.temperature=2.0"]),
 }
+
+
+def distill_teacher(folder: Path) -> Path:
+    """The "distill" run's teacher: a model of the vit shape, initialised from seed 7, saved
+    once into folder/teacher (by one process)."""
+    path = folder / "teacher"
+    if not path.exists():
+        import torch
+
+        from vitscale.config import load_config
+        from vitscale.models import create_model, save
+
+        cfg = load_config(None, runs()["vit-adamw"])
+        torch.manual_seed(7)
+        save(create_model(cfg.model.build_config(10, cfg.data.img_size)), path)
+    return path
+
+
+def with_teacher(name: str, folder: Path) -> list[str]:
+    """The run's settings plus, for "distill", its teacher in `folder`."""
+    extra = [f"distill.teachers=[{distill_teacher(folder)}]"] if name == "distill" else []
+    return settings(name) + extra
 
 
 # Settings a sharded run refuses, each with the words its one-line error must contain.
@@ -87,19 +112,20 @@ REFUSED = {
 # What each multi-process launch of tests/test_parallel.py trains: {layout name: (processes,
 # parallel.* settings, runs)}. Every layout runs each optimizer, over both model shapes; FSDP 2
 # takes the four (shape, optimizer) pairs the tensor-parallel layouts do not, so all eight are
-# compared under sharding. HSDP 2 x 2 (FSDP's arithmetic, replicated): vitscale's own two
-# optimizers. Four processes share the two cores of a development machine.
+# compared under sharding. HSDP 2 x 2 (FSDP's arithmetic, replicated): big_vision's Adafactor,
+# vitscale's own optimizer (every optimizer's arithmetic on HSDP placements is
+# tests/test_optim_sharded.py's). Four processes share the two cores of a development machine.
 FSDP_PAIRS = ["vit22b-adamw", "vit22b-sgd", "vit-adafactor_bv", "vit-adam_bf16"]
 # The other four pairs, some with settings that change no number (EXTRA).
 FOUR_TP = ["sp", "vit22b-adam_bf16", "vit-adamw", "vit-sgd"]
 FOUR_SOURCE = ["vit22b-adafactor_bv", "sp-ac", "mesh-source", "vit-sgd"]
 LAUNCHES = {
     "two": (2, {"fsdp2": (["parallel.dp_shard=2"],
-                          FSDP_PAIRS + ["bf16", "features", "asvit", "resume"]),
+                          FSDP_PAIRS + ["bf16", "features", "asvit", "resume", "distill"]),
                 "tp2": (["parallel.tp=2"], FOUR_TP + ["mix"])}),
     "four": (4, {"fsdp2xtp2": (["parallel.dp_shard=2", "parallel.tp=2"], FOUR_SOURCE),
                  "hsdp2x2": (["parallel.dp_replicate=2", "parallel.dp_shard=2"],
-                             ["vit22b-adafactor_bv", "vit-adam_bf16"])}),
+                             ["vit22b-adafactor_bv"])}),
 }
 
 
@@ -170,9 +196,13 @@ def main(out: str, launch: str, read: str | None = None) -> None:
     from vitscale.train import run
 
     dist.init_process_group("gloo")  # kept across the runs (the trainer leaves it alone)
+    if dist.get_rank() == 0:
+        distill_teacher(Path(out))
+    dist.barrier()
     for layout, (parallel, names) in LAUNCHES[launch][1].items():
         for name in names:
-            run(None, settings(name) + parallel + [f"out_dir={Path(out) / layout / name}"])
+            run(None, with_teacher(name, Path(out)) + parallel
+                + [f"out_dir={Path(out) / layout / name}"])
     if launch == "two":
         refusals(Path(out) / "refused")
         resume_on_two(Path(read).joinpath(*MESH_SOURCE[1:]), Path(out) / "mesh-on-2")

@@ -146,14 +146,9 @@ TINY = ["model.name=Ti/2", "model.overrides.width=64", "model.overrides.depth=2"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A small ViT trained on digits at 16 px (learned posemb, GAP), and its accuracy. Batch 32
-    (0.74 test accuracy, 0.80 with 64 at 1.7x the time) is enough for every claim below."""
-    out = tmp_path_factory.mktemp("run")
-    result = run(load_config(DEMO, [*TINY, "model.overrides.posemb=learn",
-                                    "model.overrides.pool=gap", "data.batch_size=32",
-                                    "data.crop_scale_min=0.3", f"out_dir={out}"]))
-    return out, result.metrics["test/accuracy"]
+def trained(digits_teacher):
+    """A small ViT trained on digits (the session's, tests/conftest.py) and its accuracy."""
+    return digits_teacher
 
 
 @pytest.fixture(scope="module")

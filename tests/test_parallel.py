@@ -27,6 +27,7 @@ from parallel_runs import (
     reference,
     runs,
     settings,
+    with_teacher,
 )
 from vitscale.models import load
 from vitscale.train import run
@@ -132,6 +133,14 @@ def test_sharded_layout_follows_one_process(launched, single, tmp_path, launch, 
         alone = fewshot_model(load(got / "features" / "model"), build_data(cfg.data, cfg.seed),
                               [1, 2], 1)
         assert shots[-1]["fewshot/2shot"] == pytest.approx(alone["results"][1]["mean"], abs=1e-9)
+    if "distill" in names:  # a sharded frozen teacher: the one-process distillation exactly
+        run(None, with_teacher("distill", tmp_path) + [f"out_dir={tmp_path / 'distill'}"])
+        assert_run_follows(got / "distill", tmp_path / "distill", "adamw")
+        assert losses(got / "distill") != losses(single / "vit-adamw")  # the teacher taught
+        ours, theirs = (json.loads((d / "metrics.jsonl").read_text().splitlines()[-1])
+                        for d in (got / "distill", tmp_path / "distill"))
+        for key in ("test/agreement", "test/kl", "test/teacher_accuracy"):
+            assert ours[key] == pytest.approx(theirs[key], abs=1e-6), key
     if "bf16" in names:  # bf16 gathered weights and autocast; fp32 reduction and master weights
         have, want = losses(got / "bf16"), losses(single / EXTRA["bf16"][0])
         assert have != want  # the forward really ran in bf16

@@ -114,6 +114,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, device):
 
 
 def _nan_on_call(monkeypatch, bad_call: int):
+    import vitscale.objectives.supervised as supervised
     import vitscale.train.loop as loop
 
     real = loop.loss_fn
@@ -124,7 +125,8 @@ def _nan_on_call(monkeypatch, bad_call: int):
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] == bad_call else loss
 
-    monkeypatch.setattr(loop, "loss_fn", flaky)
+    for module in (loop, supervised):  # the evaluation's and the training objective's
+        monkeypatch.setattr(module, "loss_fn", flaky)
 
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path, monkeypatch):
@@ -149,6 +151,7 @@ def test_non_finite_loss_skip_mode(tmp_path, monkeypatch, capsys):
 
 
 def test_too_many_skipped_steps_stop_the_run(tmp_path, monkeypatch, capsys):
+    import vitscale.objectives.supervised as supervised
     import vitscale.train.loop as loop
 
     real = loop.loss_fn
@@ -159,7 +162,8 @@ def test_too_many_skipped_steps_stop_the_run(tmp_path, monkeypatch, capsys):
         loss = real(*args, **kwargs)
         return loss * float("nan") if calls["n"] >= 3 and loss.requires_grad else loss
 
-    monkeypatch.setattr(loop, "loss_fn", mostly_nan)
+    for module in (loop, supervised):  # the evaluation's and the training objective's
+        monkeypatch.setattr(module, "loss_fn", mostly_nan)
     # The default max_skipped_fraction=0.1 of 12 steps allows 1 skip: the 2nd (step 3) stops it.
     code = main(["train", *TINY, f"out_dir={tmp_path}", "steps=12", "on_nonfinite=skip"])
     err = capsys.readouterr().err

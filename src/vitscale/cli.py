@@ -109,6 +109,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return _report_run(run(args.config, args.overrides, resume=args.resume))
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from vitscale.train import run
+
+    teachers = "[" + ", ".join(json.dumps(str(t)) for t in args.teacher) + "]"
+    overrides = ["objective=distill", f"distill.teachers={teachers}", *args.overrides]
+    return _report_run(run(args.config, overrides, resume=args.resume))
+
+
 def _report_run(result) -> int:
     if not result.is_main:  # data-parallel: rank 0 reports
         return 0
@@ -119,6 +127,10 @@ def _report_run(result) -> int:
     acc = result.metrics.get("test/accuracy")
     if acc is not None:
         print(f"test accuracy: {acc:.4f}")  # the last line, for scripts
+    agreement = result.metrics.get("test/agreement")
+    if agreement is not None:  # a distillation run: top-1 agreement with the teacher(s)
+        print(f"teacher test accuracy: {result.metrics['test/teacher_accuracy']:.4f}")
+        print(f"agreement: {agreement:.4f}")
     return 0
 
 
@@ -443,6 +455,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", help="a checkpoint folder to resume from (default: the latest "
                    "checkpoint in out_dir, if any)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("distill", help="train a student on frozen teachers (function matching, "
+                       "DeiT token, features)",
+                       description="Knowledge distillation with the trainer of `vitscale train` "
+                       "(run directory, resume, metrics, torchrun): objective=distill with the "
+                       "teachers given; distill.* settings choose the mode (function_matching, "
+                       "token, features), temperature, teacher_img_size, consistent.")
+    p.add_argument("--teacher", action="append", required=True, metavar="CKPT",
+                   help="a teacher checkpoint (vitscale run, timm, big_vision .npz, transformers); "
+                   "repeat for an ensemble (probabilities averaged)")
+    p.add_argument("--config", help="the student's training config (YAML)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. distill.temperature=2 distill.mode=token")
+    p.add_argument("--resume", help="a checkpoint folder to resume from")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("eval", help="top-1/top-5, per-class accuracy, calibration (ECE) of a checkpoint")
     _add_data_args(p, cache=False)

@@ -226,6 +226,39 @@ class ParallelConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation (`objective: distill`, `vitscale distill`; vitscale.objectives.distill):
+    the student (the `model` section) learns from frozen teachers run online on its batch."""
+
+    teachers: list[str] = field(default_factory=list)  # checkpoints models.load reads; several: ensemble
+    # function_matching: t^2 KL(teacher || student) at temperature t (big_vision, "patient and
+    # consistent"); token: DeiT's distillation token and head; features: the pooled pre-logits
+    # matched (MSE) through a learned linear projection when the widths differ.
+    mode: Literal["function_matching", "token", "features"] = "function_matching"
+    temperature: float = setting(1.0, gt=0)
+    # function_matching / features: loss = (1 - w) distillation + w label cross-entropy;
+    # None: 0 for function_matching, 0.5 for features (the head learns from the labels only).
+    label_weight: float | None = setting(None, ge=0, le=1)
+    token_target: Literal["soft", "hard"] = "hard"  # token: KL at the temperature, or CE to argmax
+    alpha: float = setting(0.5, ge=0, le=1)  # token: (1 - alpha) CE(class head) + alpha KD(dist head)
+    # batchmean: the KL summed over classes, averaged over examples (big_vision, Hinton); numel:
+    # divided by examples x classes as DeiT's soft loss is (its legacy normalisation).
+    kl_reduction: Literal["batchmean", "numel"] = "batchmean"
+    teacher_img_size: int | None = setting(None, ge=1)  # None: the student's data.img_size
+    # Model settings a teacher's file cannot tell (a bare timm state dict of a custom width:
+    # {heads: 4}), as `vitscale eval --set`; the same for every teacher.
+    teacher_overrides: dict[str, Any] = field(default_factory=dict)
+    teacher_dtype: Literal["float32", "bfloat16"] = "float32"
+    # false: the fixed-teacher baseline, the teacher on each example's un-augmented centre crop
+    # (its outputs mixed as the labels are), while the student sees the augmented batch.
+    consistent: bool = True
+
+    def __post_init__(self) -> None:
+        self.teacher_overrides = coerce_model_fields(self.teacher_overrides, None,
+                                                     "distill.teacher_overrides.")
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
@@ -233,6 +266,9 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     evals: EvalsConfig = field(default_factory=EvalsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # What a step optimises (vitscale.objectives): the labels, or frozen teachers (`distill`).
+    objective: Literal["supervised", "distill"] = "supervised"
+    distill: DistillConfig = field(default_factory=DistillConfig)
     seed: int = setting(0, ge=0)
     epochs: float = 10.0  # > 0 unless steps is set
     steps: int | None = setting(None, ge=1)  # overrides epochs when set
@@ -445,6 +481,7 @@ def validate_TrainConfig(cfg: TrainConfig) -> None:  # noqa: N802 - looked up by
         if not ok:
             raise ConfigError(f"{key}={_get(cfg, key)!r} {message}")
     _validate_retokenize(cfg.retokenize)
+    _validate_distill(cfg)
     # The model must be buildable at the data resolution (e.g. img_size divisible by patch).
     # With model.init the checkpoint's own config decides, checked when it is loaded.
     if cfg.model.init:
@@ -454,6 +491,30 @@ def validate_TrainConfig(cfg: TrainConfig) -> None:  # noqa: N802 - looked up by
     except ConfigError as exc:
         raise ConfigError(f"model {cfg.model.name!r} at data.img_size={cfg.data.img_size}: "
                           f"{exc}") from None
+
+
+def _validate_distill(cfg: TrainConfig) -> None:
+    """A distillation run names its teachers; DeiT's token mode gives the student its token."""
+    if cfg.objective != "distill":
+        return
+    if not cfg.distill.teachers:
+        raise ConfigError("objective=distill needs a teacher: vitscale distill --teacher CKPT, or "
+                          "distill.teachers=[CKPT, ...]")
+    if cfg.distill.mode == "features" and len(cfg.distill.teachers) > 1:
+        raise ConfigError("distill.mode=features matches one teacher's features; give one "
+                          "teacher, or use mode=function_matching for an ensemble")
+    if cfg.distill.mode == "token" and not cfg.model.overrides.get("dist_token"):
+        from vitscale.models.registry import is_asvit
+
+        if not cfg.model.init and is_asvit(cfg.model.name):
+            raise ConfigError("distill.mode=token needs a ViT student (DeiT's distillation token); "
+                              "an As-ViT student distils with mode=function_matching")
+        if not cfg.model.init:
+            pool = cfg.model.build_config(num_classes=1, img_size=cfg.data.img_size).pool
+            if pool != "token":
+                raise ConfigError(f"distill.mode=token needs a class-token student (DeiT), but "
+                                  f"model pool is {pool!r}; set model.overrides.pool=token")
+        cfg.model.overrides["dist_token"] = True
 
 
 def _validate_retokenize(phases: list[list[float]]) -> None:

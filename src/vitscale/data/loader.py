@@ -78,12 +78,14 @@ def describe(source: Source, i: int, exc: Exception) -> str:
 
 
 class TrainItems(Dataset):
-    """`items[(epoch, i)] -> (augmented tensor, label, unreadable keys)`; see the module docstring."""
+    """`items[(epoch, i)] -> (augmented tensor, label, unreadable keys)`; see the module docstring.
+    With `clean_transform` the tensor is (2, C, H, W): the augmented view and the un-augmented one."""
 
-    def __init__(self, source: Source, transform: Any, seed: int):
+    def __init__(self, source: Source, transform: Any, seed: int, clean_transform: Any = None):
         self.source = source
         self.transform = transform
         self.seed = seed
+        self.clean_transform = clean_transform
 
     def __len__(self) -> int:
         return len(self.source)
@@ -104,7 +106,10 @@ class TrainItems(Dataset):
                 # The CPU generator alone (the transforms draw from it): torch.manual_seed would
                 # also queue a lazy CUDA seeding with a stack trace, ~1.6 ms per image.
                 torch.default_generator.manual_seed(derive_seed(self.seed, _AUG_TAG, epoch, i))
-                return self.transform(image), label, tuple(bad)
+                x = self.transform(image)
+            if self.clean_transform is not None:
+                x = torch.stack([x, self.clean_transform(image)])
+            return x, label, tuple(bad)
         return None, -1, tuple(bad)
 
 
@@ -239,9 +244,11 @@ class Data:
                             "or raise data.max_skip_fraction")
 
     def train_batches(self, start_step: int = 0, batch_size: int | None = None,
-                      shard: slice = slice(None)) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+                      shard: slice = slice(None), clean_view: bool = False) -> Iterator[tuple]:
         """Endless (step, epoch, images, labels) from global step `start_step` on; see module doc.
-        `shard`: the slice of each global batch of `batch_size` to load (one data-parallel rank's)."""
+        `shard`: the slice of each global batch of `batch_size` to load (one data-parallel rank's).
+        `clean_view`: (step, epoch, images, labels, the same examples un-augmented), the eval
+        transform's centre crops (a fixed teacher's view); the augmented images are unchanged."""
         b = batch_size or self.cfg.batch_size
         spe = self.steps_per_epoch(b)
         if spe < 1:
@@ -249,7 +256,8 @@ class Data:
                             f"{b}; lower data.batch_size")
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}")
-        loader = DataLoader(TrainItems(self.train, self.train_transform, self.seed),
+        clean = self.eval_transform if clean_view else None
+        loader = DataLoader(TrainItems(self.train, self.train_transform, self.seed, clean),
                             batch_sampler=BatchStream(len(self.train), b, self.seed, start_step, shard),
                             collate_fn=collate, **self._loader_kwargs())
         step = start_step
@@ -258,7 +266,10 @@ class Data:
             if not y.numel():
                 raise DataError(f"no readable image found for step {step} after {len(bad)} tries "
                                 f"(e.g. {min(bad)}); check the files of data.source={self.cfg.source}")
-            yield step, step // spe, x, y
+            if clean_view:
+                yield step, step // spe, x[:, 0], y, x[:, 1]
+            else:
+                yield step, step // spe, x, y
             step += 1
 
     def eval_loader(self, split: str, batch_size: int | None = None,

@@ -75,8 +75,10 @@ def cutmix(images: torch.Tensor, labels: torch.Tensor, num_classes: int, alpha: 
 
 def mix_batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int, gen: torch.Generator,
               mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
-              switch_prob: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, soft targets (B, num_classes)): Mixup, CutMix, one of them per batch, or neither."""
+              switch_prob: float = 0.5, with_lam: bool = False):
+    """(images, soft targets (B, num_classes)): Mixup, CutMix, one of them per batch, or neither.
+    `with_lam`: (images, targets, lam) with lam the weight of each example's own label (1 when
+    nothing was mixed), so other per-example targets can be mixed alike: lam t + (1 - lam) roll(t)."""
     use_mixup, use_cutmix = mixup_alpha > 0, cutmix_alpha > 0
     if use_mixup and use_cutmix:
         if float(torch.rand((), generator=gen)) < switch_prob:
@@ -84,9 +86,14 @@ def mix_batch(images: torch.Tensor, labels: torch.Tensor, num_classes: int, gen:
         else:
             use_cutmix = False
     if use_cutmix:
-        mixed, targets, _ = cutmix(images, labels, num_classes, cutmix_alpha, gen)
-        return mixed, targets
-    if use_mixup:
-        mixed, targets, _ = mixup(images, labels, num_classes, mixup_alpha, gen)
-        return mixed, targets
-    return images, one_hot(labels, num_classes)
+        out = cutmix(images, labels, num_classes, cutmix_alpha, gen)
+    elif use_mixup:
+        out = mixup(images, labels, num_classes, mixup_alpha, gen)
+    else:
+        out = (images, one_hot(labels, num_classes), 1.0)
+    return out if with_lam else out[:2]
+
+
+def mix_like(values: torch.Tensor, lam: float) -> torch.Tensor:
+    """Per-example values (B, ...) mixed as mix_batch mixed the batch they belong to."""
+    return values if lam == 1.0 else lam * values + (1.0 - lam) * values.roll(1, dims=0)

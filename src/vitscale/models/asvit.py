@@ -320,8 +320,13 @@ class AsViT(nn.Module):
     def forward_head(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.head(pooled)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_pooled(x))
+    def forward(self, x: torch.Tensor, outputs: str = "logits"):
+        """`outputs`: "logits", or "pooled": (logits, the pre-logits representation)."""
+        if outputs not in ("logits", "pooled"):
+            raise ValueError(f"outputs={outputs!r}; an As-ViT gives 'logits' or 'pooled'")
+        pooled = self.forward_pooled(x)
+        logits = self.head(pooled)
+        return (logits, pooled) if outputs == "pooled" else logits
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -498,6 +498,8 @@ def _check_writable(cfg: ModelConfig, layout: str) -> None:
         problems.append("parallel blocks")
     if cfg.qk_norm:
         problems.append("QK LayerNorm")
+    if cfg.dist_token:
+        problems.append("a DeiT distillation token")
     if cfg.pool == "gap" and cfg.gap_norm == "pooled":
         problems.append("gap_norm='pooled' (the npz encoder_norm acts on tokens)")
     if cfg.posemb == "none":

@@ -84,6 +84,10 @@ class ModelConfig:
     head_hidden: int | None = None  # pre-logits Dense + tanh (original ViT pre-training head)
     head_zero_init: bool = False
     head_bias_init: float = 0.0
+    # DeiT's distillation token: a second prefix token (after the class token, with its own
+    # position-embedding row) read by a second classifier `head_dist`; the model's logits are the
+    # mean of the two heads' (vitscale distill, distill.mode=token, trains each on its target).
+    dist_token: bool = False
     # Stem.
     stem: str = "patch"
     hybrid_layers: tuple[int, ...] = (3, 4, 9)  # BiT ResNet blocks per stage
@@ -134,7 +138,12 @@ class ModelConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return 1 if self.class_token else 0
+        return (1 if self.class_token else 0) + (1 if self.dist_token else 0)
+
+    @property
+    def posemb_prefix_rows(self) -> int:
+        """Rows of a learned position embedding for the prefix tokens (before the grid's)."""
+        return self.num_prefix_tokens if self.class_token and self.posemb_include_cls else 0
 
     @property
     def seq_len(self) -> int:
@@ -199,6 +208,9 @@ class ModelConfig:
                               f"width divisible by 4, got {self.width}")
         if self.pool == "token" and not self.class_token:
             raise ConfigError("model.pool='token' needs model.class_token=true")
+        if self.dist_token and (self.pool != "token" or self.head_hidden or self.num_classes < 1):
+            raise ConfigError("model.dist_token=true (DeiT) needs pool='token', no head_hidden and "
+                              "a classifier (num_classes >= 1)")
         if self.qk_norm and self.head_dim < 1:
             raise ConfigError("model.qk_norm needs a head dimension >= 1")
 

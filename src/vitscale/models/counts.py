@@ -74,10 +74,9 @@ def count(cfg: ModelConfig, img_size: int | tuple[int, int] | None = None) -> Co
         ph, pw = cfg.patch
         params = _linear(cfg.in_chans * ph * pw, d, True)
         flops = 2 * patches * cfg.in_chans * ph * pw * d
-    if cfg.class_token:
-        params += d
+    params += (int(bool(cfg.class_token)) + int(cfg.dist_token)) * d
     if cfg.posemb == "learn":
-        params += (cfg.num_patches + (1 if cfg.class_token and cfg.posemb_include_cls else 0)) * d
+        params += (cfg.num_patches + cfg.posemb_prefix_rows) * d
 
     params += cfg.depth * block_params(cfg)
     flops += cfg.depth * block_flops(cfg, tokens)
@@ -93,7 +92,7 @@ def count(cfg: ModelConfig, img_size: int | tuple[int, int] | None = None) -> Co
         params += _linear(d, cfg.head_hidden, True)
         flops += 2 * per_position * d * cfg.head_hidden
         feat = cfg.head_hidden
-    if cfg.num_classes > 0:
-        params += _linear(feat, cfg.num_classes, True)
-        flops += 2 * per_position * feat * cfg.num_classes
+    heads = (1 + int(cfg.dist_token)) if cfg.num_classes > 0 else 0  # DeiT: a second head
+    params += heads * _linear(feat, cfg.num_classes, True)
+    flops += heads * 2 * per_position * feat * cfg.num_classes
     return Counts(params, flops)

@@ -319,6 +319,8 @@ def _unsupported(cfg: ModelConfig) -> list[str]:
         reasons.append(f"a {cfg.stem} stem")
     if cfg.head_hidden and cfg.num_classes:
         reasons.append("a pre-logits layer (head_hidden) under a classifier")
+    if cfg.dist_token:
+        reasons.append("a distillation token (DeiT; transformers' DeiT classes are not written)")
     return reasons
 
 

@@ -32,7 +32,9 @@ class VisionTransformer(nn.Module):
     """Every ViT variant of ViT, AugReg, Scaling ViT and ViT-22B, chosen by `ModelConfig`.
 
     `forward` returns logits; `forward_features` the normalised tokens (B, prefix + N, D);
-    `forward_pooled` the pre-logits representation (B, D or head_hidden).
+    `forward_pooled` the pre-logits representation (B, D or head_hidden). With a DeiT
+    distillation token (`dist_token`), the logits are the mean of the class and distillation
+    heads' and `forward(x, outputs="heads")` gives the two apart.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -47,10 +49,11 @@ class VisionTransformer(nn.Module):
             self.patch_embed = PatchEmbed(cfg)
         self.num_prefix_tokens = cfg.num_prefix_tokens
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.dist_token else None
 
         self.posemb_has_cls = cfg.posemb == "learn" and cfg.class_token and cfg.posemb_include_cls
         if cfg.posemb == "learn":
-            rows = cfg.num_patches + (1 if self.posemb_has_cls else 0)
+            rows = cfg.num_patches + cfg.posemb_prefix_rows
             self.pos_embed: nn.Parameter | None = nn.Parameter(torch.zeros(1, rows, d))
         else:
             self.pos_embed = None
@@ -81,6 +84,7 @@ class VisionTransformer(nn.Module):
             self.pre_logits = nn.Identity()
         self.num_features = feat
         self.head = nn.Linear(feat, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.head_dist = nn.Linear(feat, cfg.num_classes) if cfg.dist_token else None
         self.init_weights()
 
     # ------------------------------------------------------------------ init
@@ -109,32 +113,43 @@ class VisionTransformer(nn.Module):
         if proj.bias is not None:
             nn.init.zeros_(proj.bias)
         if self.pos_embed is not None and cfg.posemb_init == "sincos2d":
-            prefix = 1 if self.posemb_has_cls else 0
+            prefix = cfg.posemb_prefix_rows
             nn.init.zeros_(self.pos_embed[:, :prefix])
             self.pos_embed[:, prefix:] = sincos_2d(cfg.grid_size, cfg.width)
         elif self.pos_embed is not None:
             nn.init.normal_(self.pos_embed, std=cfg.posemb_init_std)
         if self.cls_token is not None:
             nn.init.zeros_(self.cls_token)
-        if isinstance(self.head, nn.Linear):
-            if cfg.head_zero_init:
-                nn.init.zeros_(self.head.weight)
-            nn.init.constant_(self.head.bias, cfg.head_bias_init)
+        if self.dist_token is not None:  # DeiT's start; a zero token would copy the class token
+            nn.init.trunc_normal_(self.dist_token, std=0.02)
+        for head in (self.head, self.head_dist):
+            if isinstance(head, nn.Linear):
+                if cfg.head_zero_init:
+                    nn.init.zeros_(head.weight)
+                nn.init.constant_(head.bias, cfg.head_bias_init)
         if hasattr(self.patch_embed, "init_weights"):
             self.patch_embed.init_weights()
 
     def reset_head(self, num_classes: int, zero_init: bool = True, bias_init: float = 0.0) -> None:
         """A new classifier for `num_classes` (fine-tuning): zero-initialised by default."""
+        if num_classes <= 0 and self.head_dist is not None:
+            raise ConfigError("a model with a distillation token needs a classifier "
+                              "(num_classes >= 1); set dist_token=false to drop its heads")
         self.cfg = self.cfg.replace(num_classes=num_classes)
         if num_classes <= 0:
             self.head = nn.Identity()
             return
         self.head = nn.Linear(self.num_features, num_classes)
-        if zero_init:
-            nn.init.zeros_(self.head.weight)
-        else:
-            nn.init.xavier_uniform_(self.head.weight)
-        nn.init.constant_(self.head.bias, bias_init)
+        if self.head_dist is not None:
+            self.head_dist = nn.Linear(self.num_features, num_classes)
+        for head in (self.head, self.head_dist):
+            if head is None:
+                continue
+            if zero_init:
+                nn.init.zeros_(head.weight)
+            else:
+                nn.init.xavier_uniform_(head.weight)
+            nn.init.constant_(head.bias, bias_init)
 
     # ------------------------------------------------------------------ forward
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -149,7 +164,7 @@ class VisionTransformer(nn.Module):
             x = x + pe.to(x.dtype)
         elif cfg.posemb == "learn":
             pe = self.pos_embed
-            prefix = 1 if self.posemb_has_cls else 0
+            prefix = cfg.posemb_prefix_rows
             if tuple(grid) != cfg.grid_size:
                 if not cfg.dynamic_img_size:
                     raise ConfigError(
@@ -160,12 +175,15 @@ class VisionTransformer(nn.Module):
                 pe = resample_grid(pe, grid, cfg.grid_size, prefix, cfg.resample_mode,
                                    cfg.resample_antialias, cfg.resample_align_corners)
             if self.posemb_has_cls:
-                x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-                return x + pe
+                return self._with_prefix(x) + pe
             x = x + pe
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return x
+        return self._with_prefix(x)
+
+    def _with_prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """The class (and distillation) token in front of the patch tokens."""
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (self.cls_token, self.dist_token)
+                  if t is not None]
+        return torch.cat([*prefix, x], dim=1) if prefix else x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens after the encoder and its final LayerNorm: (B, prefix + N, D)."""
@@ -206,8 +224,23 @@ class VisionTransformer(nn.Module):
     def forward_head(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.head(pooled)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_pooled(x))
+    def forward(self, x: torch.Tensor, outputs: str = "logits"):
+        """`outputs`: "logits"; "pooled": (logits, the pre-logits representation); "heads": (the
+        class head's logits, the distillation head's), for a model with a distillation token."""
+        if outputs not in ("logits", "pooled", "heads"):
+            raise ValueError(f"outputs={outputs!r}; use 'logits', 'pooled' or 'heads'")
+        tokens = self.forward_features(x)
+        pooled = self.pre_logits(self.pool(tokens))
+        logits = self.head(pooled)
+        if outputs == "pooled":
+            return logits, pooled
+        if self.head_dist is None:
+            if outputs == "heads":
+                raise ConfigError("outputs='heads' needs a model with a distillation token "
+                                  "(dist_token=true)")
+            return logits
+        dist = self.head_dist(tokens[:, 1])
+        return (logits, dist) if outputs == "heads" else (logits + dist) / 2
 
     # ------------------------------------------------------------------ convenience
     def num_params(self, trainable_only: bool = False) -> int:

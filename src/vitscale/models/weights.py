@@ -30,7 +30,7 @@ FORMAT = "vitscale"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 METADATA_KEY = "vitscale_config"
-HEAD_KEYS = ("head.weight", "head.bias")
+HEAD_KEYS = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
 
 
 # ---------------------------------------------------------------------------------- own format
@@ -218,6 +218,8 @@ def config_from_timm(
 
     class_token = "cls_token" in sd
     cfg["class_token"] = class_token
+    cfg["dist_token"] = "dist_token" in sd  # DeiT distilled (timm VisionTransformerDistilled)
+    prefix = int(class_token) + int(cfg["dist_token"])
     if "pos_embed" in sd:
         rows = sd["pos_embed"].shape[1]
         cfg["posemb"] = "learn"
@@ -225,10 +227,10 @@ def config_from_timm(
             img_size = pair(img_size)
             grid_rows = (img_size[0] // patch[0]) * (img_size[1] // patch[1])
         else:
-            side = int((rows - (1 if class_token else 0)) ** 0.5)
-            grid_rows = side * side if side * side in (rows, rows - 1) else rows
+            side = int((rows - prefix) ** 0.5)
+            grid_rows = side * side if side * side in (rows, rows - prefix) else rows
             img_size = (int(grid_rows**0.5) * patch[0], int(grid_rows**0.5) * patch[1])
-        if rows == grid_rows + 1 and class_token:
+        if rows == grid_rows + prefix and class_token:
             cfg["posemb_include_cls"] = True
         elif rows == grid_rows:
             cfg["posemb_include_cls"] = False
@@ -351,9 +353,19 @@ def adapt_state_dict(
     sd: dict[str, torch.Tensor], src: ModelConfig, dst: ModelConfig, reset_head: bool = False
 ) -> dict[str, torch.Tensor]:
     """Make a state dict of model `src` fit model `dst`: resample the patch kernel to a new patch
-    size and the position-embedding grid to a new grid, add or drop its class-token row, and
-    drop the head when the class count changes (with `reset_head`)."""
+    size and the position-embedding grid to a new grid, add or drop its class-token row, add or
+    drop a DeiT distillation token (a new one starts as a copy of the class token, its row and
+    head), and drop the head when the class count changes (with `reset_head`)."""
     sd = dict(sd)
+    src_dist, dst_dist = getattr(src, "dist_token", False), getattr(dst, "dist_token", False)
+    if src_dist and not dst_dist:
+        for key in ("dist_token", "head_dist.weight", "head_dist.bias"):
+            sd.pop(key, None)
+    elif dst_dist and not src_dist and "cls_token" in sd:
+        sd["dist_token"] = sd["cls_token"].clone()
+        for name in ("weight", "bias"):
+            if f"head.{name}" in sd:
+                sd[f"head_dist.{name}"] = sd[f"head.{name}"].clone()
     kernel = sd.get(PATCH_KERNEL)
     if kernel is not None and tuple(kernel.shape[-2:]) != dst.embed_patch:
         if src.stem != "patch" or dst.stem != "patch":
@@ -363,8 +375,7 @@ def adapt_state_dict(
                                                  dst.resample_antialias)
     pe = sd.get("pos_embed")
     if pe is not None and dst.posemb == "learn":
-        src_prefix = 1 if (src.class_token and src.posemb_include_cls) else 0
-        dst_prefix = 1 if (dst.class_token and dst.posemb_include_cls) else 0
+        src_prefix, dst_prefix = src.posemb_prefix_rows, dst.posemb_prefix_rows
         src_grid = src.grid_size
         if pe.shape[1] - src_prefix != src_grid[0] * src_grid[1]:
             raise CheckpointError(
@@ -373,11 +384,14 @@ def adapt_state_dict(
             )
         pe = resample_grid(pe, dst.grid_size, src_grid, src_prefix, dst.resample_mode,
                            dst.resample_antialias, dst.resample_align_corners)
-        if src_prefix and not dst_prefix:
-            pe = pe[:, 1:]
-        elif dst_prefix and not src_prefix:  # the class token had no position: give it zeros
-            pe = torch.cat([pe.new_zeros(1, 1, pe.shape[2]), pe], dim=1)
-        sd["pos_embed"] = pe
+        rows, grid = pe[:, :src_prefix], pe[:, src_prefix:]
+        if dst_prefix < src_prefix:
+            rows = rows[:, :dst_prefix]
+        elif dst_prefix > src_prefix:
+            # A token that had no position gets zeros; a new distillation token the class token's.
+            new = rows[:, :1] if src_prefix else pe.new_zeros(1, 1, pe.shape[2])
+            rows = torch.cat([rows] + [new] * (dst_prefix - src_prefix), dim=1)
+        sd["pos_embed"] = torch.cat([rows, grid], dim=1)
     if reset_head or src.num_classes != dst.num_classes:
         if not reset_head:
             raise CheckpointError(

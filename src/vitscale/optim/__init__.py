@@ -19,8 +19,10 @@ from vitscale.optim.schedules import apply_lr, schedule_value
 OPTIMIZERS: tuple[str, ...] = typing.get_args(typing.get_type_hints(OptimConfig)["name"])
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The optimizer cfg.name names, over `param_groups(model, cfg)`.
+def build_optimizer(model: nn.Module, cfg: OptimConfig,
+                    extra: nn.Module | None = None) -> torch.optim.Optimizer:
+    """The optimizer cfg.name names, over `param_groups(model, cfg)` (then `extra`'s, an
+    objective's own parameters named objective.*, in groups of their own after the model's).
 
     adamw: torch.optim.AdamW(betas, eps). adam_bf16: `AdamBF16`, the same with a bf16 first
     moment. adafactor_bv: `AdafactorBV` with momentum=cfg.momentum and beta2_cap=cfg.betas[1]
@@ -32,11 +34,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     included, torch AdamW); adafactor_bv by scheduled_lr * wd, the lr before lr_mult
     (big_vision); sgd adds torch's L2 term wd * theta to the gradient (not decoupled).
     """
-    cls, groups, settings = optimizer_spec(model, cfg)
+    cls, groups, settings = optimizer_spec(model, cfg, extra)
     return cls(groups, **settings)
 
 
-def optimizer_spec(model: nn.Module, cfg: OptimConfig) -> tuple[type, list[dict[str, Any]], dict]:
+def optimizer_spec(model: nn.Module, cfg: OptimConfig,
+                   extra: nn.Module | None = None) -> tuple[type, list[dict[str, Any]], dict]:
     """(optimizer class, param groups, constructor settings) that `build_optimizer` builds:
     for reading the groups without constructing a torch optimizer (vitscale.plan)."""
     if cfg.name not in OPTIMIZERS:
@@ -45,6 +48,10 @@ def optimizer_spec(model: nn.Module, cfg: OptimConfig) -> tuple[type, list[dict[
     groups = param_groups(model, cfg)
     if not groups:
         raise ConfigError("the model has no trainable parameters to optimize")
+    if extra is not None:
+        for group in param_groups(nn.ModuleDict({"objective": extra}), cfg):
+            group["name"] = f"objective/{group['name']}"
+            groups.append(group)
     if cfg.name == "adamw":
         return torch.optim.AdamW, groups, dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                                                weight_decay=cfg.weight_decay)

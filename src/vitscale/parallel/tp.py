@@ -313,6 +313,7 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = False) -> None
     model.patch_embed.register_forward_pre_hook(partial(_check_input_size, model.cfg),
                                                 prepend=True)
     replicate_param(model, "cls_token")
+    replicate_param(model, "dist_token")
     replicate_param(model, "pos_embed")
     fixed = getattr(model, "pos_embed_fixed", None)
     if fixed is not None:
@@ -380,7 +381,7 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = False) -> None
         plan(pool.norm, _Replicated())
         plan(pool.mlp.fc1, ColwiseParallel())
         plan(pool.mlp.fc2, RowwiseParallel())
-    for module in (getattr(model.pre_logits, "fc", None), model.head):
+    for module in (getattr(model.pre_logits, "fc", None), model.head, model.head_dist):
         if isinstance(module, nn.Linear):
             plan(module, _Replicated())
 

@@ -2,7 +2,8 @@
 
 Layout inside a run directory:
 
-    checkpoints/step-000000120/model.safetensors      weights (and EMA weights as ema.*)
+    checkpoints/step-000000120/model.safetensors      weights (EMA weights as ema.*, an
+                                                      objective's own as objective.*)
     checkpoints/step-000000120/optimizer.safetensors  optimizer state tensors
     checkpoints/step-000000120/state.json             step, epoch, RNG states, optimizer
                                                       hyper-parameters, metrics so far
@@ -122,8 +123,10 @@ def save_checkpoint(
     state: dict[str, Any],
     ema: torch.nn.Module | None = None,
     keep: int = 2,
+    extras: torch.nn.Module | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically and prune all but the newest `keep`."""
+    """Write checkpoint `step` atomically and prune all but the newest `keep`. `extras`: an
+    objective's own trained parameters (a distillation projection), stored as objective.*."""
     if not all_finite(model) or (ema is not None and not all_finite(ema)):
         raise CheckpointError(f"refusing to write checkpoint at step {step}: non-finite weights")
     ckpt_root = Path(run_dir) / "checkpoints"
@@ -134,9 +137,10 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if ema is not None:
-        weights.update({f"ema.{k}": v.detach().contiguous().cpu()
-                        for k, v in ema.state_dict().items()})
+    for prefix, module in (("ema.", ema), ("objective.", extras)):
+        if module is not None:
+            weights.update({f"{prefix}{k}": v.detach().contiguous().cpu()
+                            for k, v in module.state_dict().items()})
     opt_tensors, opt_meta = _split_optimizer_state(optimizer.state_dict())
     save_file(weights, str(tmp / TENSOR_FILES[0]))
     save_file(opt_tensors, str(tmp / TENSOR_FILES[1]))
@@ -329,14 +333,18 @@ def apply_sharded_checkpoint(files: CheckpointFiles, model: torch.nn.Module,
 
 def apply_checkpoint(files: CheckpointFiles, model: torch.nn.Module,
                      optimizer: torch.optim.Optimizer | None = None,
-                     ema: torch.nn.Module | None = None, restore_rng: bool = True) -> dict[str, Any]:
-    """Restore model / optimizer / EMA (/ RNG) from a read checkpoint; returns its state.json.
-    A checkpoint of another model is a one-line error naming the tensors that differ."""
-    own = {k: v for k, v in files.weights.items() if not k.startswith("ema.")}
+                     ema: torch.nn.Module | None = None, restore_rng: bool = True,
+                     extras: torch.nn.Module | None = None) -> dict[str, Any]:
+    """Restore model / optimizer / EMA / an objective's parameters (/ RNG) from a read
+    checkpoint; returns its state.json. A checkpoint of another model is a one-line error naming
+    the tensors that differ."""
+    prefixes = ("ema.", "objective.")
+    own = {k: v for k, v in files.weights.items() if not k.startswith(prefixes)}
     parts = [("", model, own)]
-    if ema is not None:
-        parts.append(("ema.", ema, {k[4:]: v for k, v in files.weights.items()
-                                    if k.startswith("ema.")}))
+    for prefix, module in zip(prefixes, (ema, extras)):
+        if module is not None:
+            parts.append((prefix, module, {k[len(prefix):]: v for k, v in files.weights.items()
+                                           if k.startswith(prefix)}))
     for prefix, module, weights in parts:
         problem = state_dict_mismatch(module.state_dict(), weights)
         if problem:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from vitscale.config import TrainConfig, dump_config, load_config
 from vitscale.errors import CheckpointError, UserError
+from vitscale.objectives.supervised import loss_fn
 from vitscale.train import distributed
 from vitscale.train.checkpoint import (
     apply_checkpoint,
@@ -77,16 +78,6 @@ def restore_determinism(previous: tuple[bool, bool]) -> None:
     torch.backends.cudnn.benchmark = previous[1]
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor, kind: str, smoothing: float) -> torch.Tensor:
-    """Mean over the batch of softmax or sigmoid cross-entropy against soft targets (B, K)."""
-    logits = logits.float()
-    if smoothing:
-        targets = targets * (1.0 - smoothing) + smoothing / targets.shape[-1]
-    if kind == "sigmoid":  # big_vision: sum over classes, mean over examples
-        return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(-1).mean()
-    return -(targets * F.log_softmax(logits, dim=-1)).sum(-1).mean()
-
-
 def build_model(cfg: TrainConfig, num_classes: int):
     from vitscale.models import load
     from vitscale.models.registry import build
@@ -108,12 +99,14 @@ def total_steps(cfg: TrainConfig, train_size: int) -> int:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: str,
              world: World = SINGLE, loss: str = "softmax", copies: int = 1,
-             lockstep: int | None = None) -> dict[str, float]:
+             lockstep: int | None = None, observe=None) -> dict[str, float]:
     """Top-1 accuracy and the mean of the run's loss (softmax or sigmoid cross-entropy, no label
     smoothing) over `loader`; with several processes each passes its shard of the split and the
     counts are summed (`copies`: how many processes evaluate each shard, e.g. a tensor-parallel
     group). `lockstep`: run exactly this many forward passes, padding with a throw-away batch,
-    for a sharded model whose every forward pass is a collective."""
+    for a sharded model whose every forward pass is a collective. `observe(images, logits,
+    labels)` is called on every batch (an objective's extra metrics; logits and labels None on a
+    padding pass)."""
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -122,6 +115,8 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: st
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = model(x).float()
+        if observe is not None:
+            observe(x, logits, y)
         targets = F.one_hot(y, logits.shape[-1]).float()
         loss_sum += loss_fn(logits, targets, loss, 0.0).double() * y.numel()
         correct += (logits.argmax(-1) == y).sum()
@@ -133,6 +128,8 @@ def evaluate(model: torch.nn.Module, loader, device: torch.device, precision: st
             spare = torch.zeros(1, getattr(cfg, "in_chans", 3), *_pair(cfg.img_size), device=device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             model(spare)
+        if observe is not None:
+            observe(spare, None, None)
     correct, total, loss_sum = all_sum([correct, total, loss_sum], world, device)
     total /= copies
     return {"accuracy": correct / copies / max(total, 1), "loss": loss_sum / copies / max(total, 1),
@@ -211,7 +208,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
         self.data = build_data(cfg.data, cfg.seed)
         self.model, self.ema = self._build_models()
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.objective, self.extras = self._build_objective()
+        self.optimizer = build_optimizer(self.model, cfg.optim, extra=self.extras)
         self.train_model: torch.nn.Module = self.model
         if self.world.distributed and not self.layout.sharded:
             from torch.nn.parallel import DistributedDataParallel
@@ -259,6 +257,15 @@ class Trainer:
         del source
         return built[0], EMA.over(built[1], decay) if decay else None
 
+    def _build_objective(self):
+        """(the objective of cfg.objective, the module of its own trained parameters or None)."""
+        from vitscale.objectives import build_objective
+
+        objective = build_objective(self.cfg, self.model, self.data.num_classes, self.device,
+                                    self.layout, self.mesh, self.world)
+        extras = objective.trainable()
+        return objective, extras.to(self.device) if extras is not None else None
+
     def _resume(self, resume: str | Path | None) -> None:
         if resume:  # the checkpoint asked for, or a one-line error: no silent fallback
             if not (Path(resume) / "state.json").is_file():
@@ -278,7 +285,8 @@ class Trainer:
                 f"{files.path} was written by a run without sharding (parallel.dp_shard = tp = 1); "
                 "resume it with that layout, or start a new run from its weights (model.init)")
         else:
-            doc = apply_checkpoint(files, self.model, self.optimizer, ema, restore_rng=False)
+            doc = apply_checkpoint(files, self.model, self.optimizer, ema, restore_rng=False,
+                                   extras=self.extras)
         rngs = doc.get("rng_per_process", [doc["rng"]])
         if len(rngs) == self.world.size:
             set_rng_state(rngs[self.world.rank])
@@ -344,35 +352,42 @@ class Trainer:
                 model.set_tokenizer(stride, dilation)
 
     # ------------------------------------------------------------------ one optimizer step
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor,
+                    clean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """One optimizer step on this process's share of the global batch: (its mean loss,
         its examples whose top logit is the dominant target class), both 0-d tensors left on the
         device (summed over processes on log steps only), or None when the loss or gradient is
-        not finite. The one host synchronisation per step is that verdict."""
+        not finite. The one host synchronisation per step is that verdict. `clean`: the same
+        examples un-augmented, for an objective that asks for them (a fixed teacher)."""
         from vitscale.data.mixing import mix_batch
 
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
-        x, targets = mix_batch(x, y, self.data.num_classes, gen, self.data.mixup_alpha,
-                               cfg.data.cutmix_alpha)
+        x, targets, lam = mix_batch(x, y, self.data.num_classes, gen, self.data.mixup_alpha,
+                                    cfg.data.cutmix_alpha, with_lam=True)
         x = x.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
+        if clean is not None:
+            clean = clean.to(self.device, non_blocking=True)
+        prepared = self.objective.prepare(x, targets, clean, lam)
         model = self.train_model
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
-        chunks = list(zip(x.chunk(cfg.accum_steps), targets.chunk(cfg.accum_steps)))
-        for i, (xs, ts) in enumerate(chunks):
+        parts = prepared.chunk(cfg.accum_steps) if prepared is not None else [None] * cfg.accum_steps
+        chunks = list(zip(x.chunk(cfg.accum_steps), targets.chunk(cfg.accum_steps), parts))
+        for i, (xs, ts, ps) in enumerate(chunks):
             # Gradients are reduced across processes on the last micro-batch only.
             with self._gradient_sync(i == len(chunks) - 1):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16,
                                     enabled=cfg.precision == "bf16"):
-                    logits = model(xs)
-                loss = loss_fn(logits, ts, cfg.loss, cfg.label_smoothing) / cfg.accum_steps
+                    loss, logits = self.objective.loss(model, xs, ts, ps)
+                loss = loss / cfg.accum_steps
                 loss.backward()
             total_loss += loss.detach()
             correct += (logits.argmax(-1) == ts.argmax(-1)).sum()
+        self._reduce_extra_grads()
         norm = self._grad_norm()
         # With several processes the verdict is the global gradient norm's (the same number in
         # every process; a non-finite loss anywhere makes it non-finite).
@@ -394,10 +409,23 @@ class Trainer:
             return _fsdp_sync_off(self.model)
         return self.train_model.no_sync()
 
+    def _reduce_extra_grads(self) -> None:
+        """The objective's own parameters (not under DDP): gradients averaged over processes."""
+        if self.extras is None or not self.world.distributed:
+            return
+        import torch.distributed as dist
+
+        for p in self.extras.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world.size
+
     def _grad_norm(self) -> torch.Tensor:
         """The global gradient norm, after clipping to optim.grad_clip when set."""
         clip = self.cfg.optim.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.extras is not None:  # unsharded runs only (objectives.build_objective)
+            params += [p for p in self.extras.parameters() if p.grad is not None]
         if self.layout.sharded:
             from vitscale.parallel import clip_grad_norm
 
@@ -426,14 +454,15 @@ class Trainer:
             # tensor-parallel group load the same one.
             dp = World(rank=self.dp_rank, size=self.layout.replicas)
             batches = self.data.train_batches(start_step=self.step, batch_size=cfg.data.batch_size,
-                                              shard=dp.shard(cfg.data.batch_size))
-            for step, _epoch, x, y in batches:
+                                              shard=dp.shard(cfg.data.batch_size),
+                                              clean_view=self.objective.needs_clean_view)
+            for step, _epoch, x, y, *clean in batches:
                 if step >= self.total:
                     break
                 self.step = step
                 self._set_tokenizer(step)
                 lr = apply_lr(self.optimizer, step, self.total, cfg.optim.lr, cfg.schedule)
-                outcome = self._train_step(x, y)
+                outcome = self._train_step(x, y, clean[0] if clean else None)
                 loss = outcome[0] if outcome is not None else None
                 if outcome is not None:
                     window_correct = window_correct + outcome[1]
@@ -539,10 +568,14 @@ class Trainer:
         for prefix, model in (("", self.model), ("ema/", self.ema.module if self.ema else None)):
             if model is None:
                 continue
+            observer = self.objective.observer(split) if not prefix else None
             metrics = evaluate(model, loader, self.device, self.cfg.precision, self.world,
-                               self.cfg.loss, copies=self.layout.tp, lockstep=lockstep)
+                               self.cfg.loss, copies=self.layout.tp, lockstep=lockstep,
+                               observe=observer)
             record[f"{prefix}{split}/accuracy"] = metrics["accuracy"]
             record[f"{prefix}{split}/loss"] = metrics["loss"]
+            if observer is not None:
+                record.update(observer.metrics(self.world, self.device, self.layout.tp))
         self._after_forward_only()
         return record
 
@@ -614,7 +647,7 @@ class Trainer:
                                     ema=ema, keep=self.cfg.keep_checkpoints, world=self.world)
         elif self.world.is_main:
             save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, ema=ema,
-                            keep=self.cfg.keep_checkpoints)
+                            keep=self.cfg.keep_checkpoints, extras=self.extras)
         distributed.barrier(self.world)
 
 

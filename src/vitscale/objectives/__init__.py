@@ -1,0 +1,48 @@
+"""Training objectives: what one step of `vitscale.train` optimises, plugged into its one loop.
+
+    objective = build_objective(cfg, student, ...)    # cfg.objective: supervised | distill
+    prepared = objective.prepare(images, targets, clean, lam)     # whole batch, or None
+    loss, logits = objective.loss(model, images, targets, prepared_chunk)
+    objective.trainable()         # extra trained parameters (checkpointed as objective.*), or None
+    objective.observer(split)     # evaluation-batch callback with extra metrics, or None
+
+The trainer keeps batching, mixing, accumulation, clipping, EMA, checkpoints and logging.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vitscale.config import TrainConfig
+from vitscale.errors import ConfigError
+from vitscale.objectives.distill import (
+    Distill,
+    DistillError,
+    Teachers,
+    hard_distill,
+    kl_distill,
+    load_teachers,
+)
+from vitscale.objectives.supervised import Objective, loss_fn
+
+
+def build_objective(cfg: TrainConfig, student: torch.nn.Module, num_classes: int,
+                    device: torch.device, layout=None, mesh=None, world=None) -> Objective:
+    """The objective `cfg.objective` names, its teachers (if any) loaded on `device`."""
+    if cfg.objective == "supervised":
+        return Objective(cfg.loss, cfg.label_smoothing)
+    teachers = load_teachers(cfg.distill, num_classes=num_classes, img_size=cfg.data.img_size,
+                             device=device, layout=layout, mesh=mesh, parallel=cfg.parallel,
+                             world=world)
+    objective = Distill(cfg.distill, teachers, loss=cfg.loss, label_smoothing=cfg.label_smoothing,
+                        student_features=student.num_features, num_classes=num_classes)
+    if objective.trainable() is not None and layout is not None and layout.sharded:
+        raise ConfigError(
+            f"distill.mode=features with a projection (student width {student.num_features}, "
+            f"teacher {teachers.models[0].num_features}) is not supported with parallel.dp_shard / "
+            "tp yet; use a student of the teacher's width, mode=function_matching, or DDP")
+    return objective
+
+
+__all__ = ["Distill", "DistillError", "Objective", "Teachers", "build_objective", "hard_distill",
+           "kl_distill", "load_teachers", "loss_fn"]

@@ -117,6 +117,103 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return _report_run(run(args.config, overrides, resume=args.resume))
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from vitscale.scaling.sweep import parse_center, run_sweep, sweep_points
+
+    center = parse_center(args.star) if args.star else None
+    points = sweep_points(args.grid or [], center)
+    rows = run_sweep(args.config, points, args.out, jobs=args.jobs, overrides=args.overrides,
+                     center=center)
+    done = sum(r["status"] == "done" for r in rows)
+    print(f"sweep {args.out}: {done} of {len(rows)} runs done; index {Path(args.out) / 'sweep.jsonl'}")
+    return 0
+
+
+def cmd_scaling(args: argparse.Namespace) -> int:
+    from vitscale.scaling import study
+
+    if args.action == "fit":
+        fit, json_path, png = study.fit_runs(args.source, args.metric, args.x, args.out,
+                                             bootstrap=args.bootstrap, max_x=args.max_x)
+        if args.json:
+            print(json.dumps({k: v for k, v in fit.to_dict().items() if k != "bootstrap"}))
+            return 0
+        iv = fit.intervals
+        print(f"{fit.meta['metric']} = {fit.a:.4g} ({args.x} + {fit.d:.4g})^-{fit.b:.4g} + "
+              f"{fit.c:.4g}   ({len(fit.x)} frontier points of {fit.meta['points']}, rms log "
+              f"residual {fit.rms_log_residual:.3g})")
+        for name in ("a", "b", "c", "d"):
+            if name in iv:
+                print(f"  {name}: {getattr(fit, name):.4g}  90% interval [{iv[name][0]:.4g}, "
+                      f"{iv[name][1]:.4g}]")
+        print(f"wrote {json_path} and {png}")
+        return 0
+    if args.action == "predict":
+        fit = study.read_fit(args.source)
+        if (args.compute is None) == (args.error is None):
+            raise UserError("vitscale scaling predict needs one of --compute C or --error E")
+        if args.compute is not None:
+            import numpy as np
+
+            value = fit.predict(args.compute)
+            lo, hi = fit.band(np.array([args.compute]))
+            out = {"compute": args.compute, "error": value, "interval": [float(lo[0]), float(hi[0])]}
+            text = (f"error at {args.compute:g}: {value:.4f} (90% band {out['interval'][0]:.4f} - "
+                    f"{out['interval'][1]:.4f})")
+        else:
+            value = fit.compute_for(args.error)
+            out = {"error": args.error, "compute": value}
+            text = f"compute for error {args.error:g}: {value:.4g}"
+        print(json.dumps(out) if args.json else text)
+        return 0
+    # shape
+    from vitscale.scaling.shape import SOVIT_EXPONENTS, scale_shape
+
+    if args.from_model:
+        shape = _shape_of(args.from_model)
+        exponents = dict(SOVIT_EXPONENTS)
+        if args.exponents:
+            values = [float(v) for v in args.exponents.split(",")]
+            if len(values) != 3:
+                raise UserError("--exponents takes three numbers: width,depth,mlp_dim")
+            exponents = dict(zip(("width", "depth", "mlp_dim"), values))
+        if args.ratio is None or args.ratio <= 0:
+            raise UserError("vitscale scaling shape --from MODEL needs --ratio R > 0 (the compute "
+                            "increase to spend)")
+        scaled = scale_shape(shape, args.ratio, exponents)
+        out = {"from": shape, "ratio": args.ratio, "exponents": exponents, "shape": scaled}
+        print(json.dumps(out) if args.json else
+              f"x{args.ratio:g} compute: " + ", ".join(f"{k} {shape[k]:g} -> {scaled[k]:.1f}"
+                                                       for k in shape))
+        return 0
+    if not args.source or args.compute is None:
+        raise UserError("vitscale scaling shape takes a star sweep DIR and --compute C, or "
+                        "--from MODEL --ratio R")
+    result = study.shape_study(args.source, args.compute, args.metric)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print("compute-optimal exponents s_k (x* grows as C^s_k): " + ", ".join(
+        f"{k} {v:.3f}" for k, v in result["exponents"].items()))
+    print(f"at {args.compute:g} FLOPs: " + ", ".join(
+        f"{k} {v:.1f}" for k, v in result["optimal"].items()))
+    cfg = " ".join(f"model.overrides.{k}={v}" for k, v in result["model.overrides"].items())
+    print(f"vitscale train --config {result['config'] or 'BASE.yaml'} {cfg}")
+    return 0
+
+
+def _shape_of(model: str) -> dict[str, float]:
+    """{width, depth, mlp_dim} of a named size or of 'width=W,depth=D,mlp_dim=M'."""
+    if "=" in model:
+        from vitscale.scaling.sweep import parse_center
+
+        return {k: float(v) for k, v in parse_center(model).items()}
+    from vitscale.models.registry import model_config
+
+    cfg = model_config(model)
+    return {"width": float(cfg.width), "depth": float(cfg.depth), "mlp_dim": float(cfg.mlp_dim)}
+
+
 def _report_run(result) -> int:
     if not result.is_main:  # data-parallel: rank 0 reports
         return 0
@@ -470,6 +567,46 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dotted overrides, e.g. distill.temperature=2 distill.mode=token")
     p.add_argument("--resume", help="a checkpoint folder to resume from")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("sweep", help="one training run per grid (or SoViT star) point, resumable",
+                       description="Train every point of a grid of config overrides into "
+                       "OUT/<point>; re-running the command skips finished runs and resumes "
+                       "unfinished ones. Index: OUT/sweep.jsonl.")
+    p.add_argument("--config", help="the base training config (YAML)")
+    p.add_argument("--grid", action="append", metavar="KEY=[V1,V2,...]",
+                   help="an axis, e.g. 'model.name=[Ti/4,S/4]' or 'epochs=[5,10,20]'; repeat")
+    p.add_argument("--star", metavar="width=W,depth=D,mlp_dim=M",
+                   help="SoViT's star sweep: vary each model.overrides.width / depth / mlp_dim "
+                   "axis alone around this centre (crossed with the other axes)")
+    p.add_argument("--out", required=True, help="the sweep directory")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (subprocesses)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings for every run")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("scaling", help="saturating power-law fit / prediction, SoViT shape",
+                       description="fit: E = a (C + d)^-b + c on the Pareto frontier of a sweep's "
+                       "runs (or a compute,error CSV), with bootstrap 90%% intervals, fit.json "
+                       "and fit.png; predict: the error at a compute or the compute for an error; "
+                       "shape: SoViT's compute-optimal width / depth / MLP from a star sweep, or a "
+                       "model scaled by ratio^(s_k / 3).")
+    p.add_argument("action", choices=("fit", "predict", "shape"))
+    p.add_argument("source", nargs="?", help="fit: a sweep / run DIR or FILE.csv; predict: "
+                   "FIT.json; shape: a star sweep DIR")
+    p.add_argument("--metric", default="minival/error",
+                   help="minival/error (default), test/error, fewshot/10shot_error, ...")
+    p.add_argument("--x", default="compute", choices=("compute", "params", "images"))
+    p.add_argument("--out", help="fit: where fit.json / fit.png go (default: beside the data)")
+    p.add_argument("--bootstrap", type=int, default=300, help="resamples for the intervals")
+    p.add_argument("--max-x", type=float, help="fit only points up to this x")
+    p.add_argument("--compute", type=float, help="predict / shape: a compute in FLOPs")
+    p.add_argument("--error", type=float, help="predict: the compute needed for this error")
+    p.add_argument("--from", dest="from_model", help="shape: a named size or "
+                   "width=W,depth=D,mlp_dim=M to scale")
+    p.add_argument("--ratio", type=float, help="shape --from: the compute increase")
+    p.add_argument("--exponents", help="shape --from: s_width,s_depth,s_mlp (default SoViT's "
+                   "0.22,0.45,0.6)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_scaling)
 
     p = sub.add_parser("eval", help="top-1/top-5, per-class accuracy, calibration (ECE) of a checkpoint")
     _add_data_args(p, cache=False)

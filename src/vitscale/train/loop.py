@@ -221,6 +221,7 @@ class Trainer:
             # the ranks of a tensor-parallel group hold the same examples, so they draw alike.
             torch.manual_seed(cfg.seed * 1_000_003 + self.dp_rank)
         self.total = total_steps(cfg, len(self.data.train))
+        self.params = sum(p.numel() for p in self.model.parameters())  # DTensors: global numel
         self.phases = self._retokenize_phases()
         self.step = 0
         self.skipped_steps = 0
@@ -625,8 +626,11 @@ class Trainer:
 
     def _record(self, step: int, split: str) -> dict[str, Any]:
         per_epoch = max(len(self.data.train) // self.cfg.data.batch_size, 1)
+        # Training compute and model size with every evaluation: the points of a scaling law
+        # (vitscale scaling fit reads them).
         return {"step": step, "epoch": round(step / per_epoch, 4),
-                "images_seen": step * self.cfg.data.batch_size, "split": split}
+                "images_seen": step * self.cfg.data.batch_size, "split": split,
+                "train_flops": self.train_flops(step)[0], "params": self.params}
 
     def _track_best(self, record: dict[str, Any]) -> None:
         """Remember the best minival accuracy (raw or EMA weights) and its step: model selection

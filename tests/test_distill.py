@@ -93,6 +93,31 @@ def test_distillation_token_model_equals_timm_deit(tmp_path):
     assert torch.equal(grown.pos_embed[:, 1], plain.pos_embed[:, 0])
 
 
+def test_an_ensemble_averages_its_teachers_probabilities(tmp_path):
+    """Two teachers (one at its own resolution, resized to), frozen: probabilities are the mean
+    of each one's softmax(logits / t) on the same images; bf16 weights stay bf16."""
+    from vitscale.config import DistillConfig
+    from vitscale.objectives import load_teachers
+
+    for seed, size in ((1, 16), (2, 24)):
+        torch.manual_seed(seed)
+        save(create_model("Ti/2", width=32, depth=1, heads=2, mlp_dim=64, img_size=size,
+                          num_classes=10), tmp_path / f"t{seed}")
+    cfg = DistillConfig(teachers=[str(tmp_path / "t1"), str(tmp_path / "t2")])
+    teachers = load_teachers(cfg, num_classes=10, img_size=16, device=torch.device("cpu"))
+    x = torch.randn(4, 3, 16, 16)
+    one = load(tmp_path / "t1").eval()
+    two = load(tmp_path / "t2", img_size=16).eval()  # the student's size: resampled on load
+    with torch.no_grad():
+        want = (F.softmax(one(x) / 2, -1) + F.softmax(two(x) / 2, -1)) / 2
+    torch.testing.assert_close(teachers.probs(x, 2.0), want, atol=1e-6, rtol=0)
+    assert all(not p.requires_grad for m in teachers.models for p in m.parameters())
+    half = load_teachers(DistillConfig(teachers=[str(tmp_path / "t1")], teacher_dtype="bfloat16"),
+                         num_classes=10, img_size=16, device=torch.device("cpu"))
+    assert next(half.models[0].parameters()).dtype == torch.bfloat16
+    assert half.probs(x).dtype == torch.float32
+
+
 # ---------------------------------------------------------------------------------- training
 @pytest.fixture(scope="module")
 def distilled(digits_teacher, tmp_path_factory):
@@ -144,7 +169,8 @@ def test_teacher_stays_frozen_in_any_format_and_resolution(digits_teacher, tmp_p
     code = main(["distill", "--teacher", str(timm_file), "--config", str(DEMO), *STUDENT,
                  "model.overrides.pool=token", "steps=2", "distill.mode=token",
                  "distill.token_target=soft", "distill.teacher_img_size=24",
-                 "distill.teacher_overrides={heads: 4}", f"out_dir={tmp_path / 'cli'}"])
+                 "distill.teacher_dtype=bfloat16", "distill.teacher_overrides={heads: 4}",
+                 f"out_dir={tmp_path / 'cli'}"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert code == 0 and lines[-3].startswith("test accuracy: ")
     assert lines[-1].startswith("agreement: ")

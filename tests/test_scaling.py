@@ -114,13 +114,13 @@ TINY = ["model.name=Ti/4", "model.overrides.depth=1", "model.overrides.mlp_dim=6
 
 
 def test_interrupted_sweep_resumes_without_retraining(tmp_path, monkeypatch, capsys):
-    """The second of three runs is interrupted after its step-2 checkpoint; the same command
-    again leaves the first run untouched, resumes the second and runs the third; the index
-    lists each point once, done."""
+    """The second of two runs is interrupted after its step-2 checkpoint; the same command
+    again leaves the first run untouched and resumes the second; the index lists each point
+    once, done."""
     import vitscale.train.loop as loop
 
     out = tmp_path / "sweep"
-    argv = ["sweep", "--config", str(DEMO), "--grid", "model.overrides.width=[16,32,48]",
+    argv = ["sweep", "--config", str(DEMO), "--grid", "model.overrides.width=[16,32]",
             "--out", str(out), *TINY]
     real, calls = loop.Trainer._train_step, {"n": 0}
 
@@ -136,15 +136,15 @@ def test_interrupted_sweep_resumes_without_retraining(tmp_path, monkeypatch, cap
     first = out / "model.overrides.width=16"
     before = (first / "metrics.jsonl").read_bytes(), (first / "metrics.jsonl").stat().st_mtime_ns
     _, rows = read_index(out)
-    assert [r["status"] for r in rows] == ["done", "partial", "pending"]
+    assert [r["status"] for r in rows] == ["done", "partial"]
     monkeypatch.setattr(loop.Trainer, "_train_step", real)
     calls["n"] = 0
     assert main(argv) == 0
-    assert "3 of 3 runs done" in capsys.readouterr().out
+    assert "2 of 2 runs done" in capsys.readouterr().out
     assert ((first / "metrics.jsonl").read_bytes(),
             (first / "metrics.jsonl").stat().st_mtime_ns) == before
     header, rows = read_index(out)
-    assert [r["name"] for r in rows] == [f"model.overrides.width={w}" for w in (16, 32, 48)]
+    assert [r["name"] for r in rows] == [f"model.overrides.width={w}" for w in (16, 32)]
     assert all(r["status"] == "done" and r["final"]["step"] == 4 for r in rows)
     resumed = [json.loads(line) for line in (out / "model.overrides.width=32" / "metrics.jsonl")
                .open()]
@@ -209,3 +209,31 @@ def test_shape_study_reads_a_star_sweep(tmp_path, capsys):
                  "--json"]) == 0
     scaled = json.loads(capsys.readouterr().out)["shape"]
     assert scaled["width"] == pytest.approx(880 * 46.1 ** (0.22 / 3), rel=1e-9)
+
+
+def test_under_torchrun_each_process_runs_its_share_as_one_process_runs(tmp_path, monkeypatch):
+    """WORLD_SIZE=2, RANK=1: this process takes points 1 and 3 and starts each as a `vitscale
+    train` subprocess without torchrun's variables (a one-process run of its own)."""
+    import subprocess
+
+    import vitscale.scaling.sweep as sweep
+
+    started = []
+
+    def fake_run(command, env, stdout, stderr):
+        started.append((command, env))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(key, value)
+    points = sweep_points(["model.overrides.width=[16,32,48,64]"])
+    sweep.run_sweep(str(DEMO), points, tmp_path / "sweep", overrides=TINY, log=lambda _: None)
+    names = [next(a for a in cmd if a.startswith("out_dir=")) for cmd, _ in started]
+    assert names == [f"out_dir={tmp_path / 'sweep'}/model.overrides.width={w}" for w in (32, 64)]
+    for command, env in started:
+        assert command[1:4] == ["-m", "vitscale.cli", "train"]
+        assert not {"WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"} & set(env)
+    # every process rewrites the index from the run directories after each of its runs
+    assert (tmp_path / "sweep" / "sweep.jsonl").is_file()

@@ -1,11 +1,11 @@
 """A scaling study on digits: sweep -> saturating power-law fit -> prediction of the costliest runs.
 
-    python benchmarks/scaling.py                       # 15 runs, about 15 minutes on 2 cores
+    python benchmarks/scaling.py                       # 12 runs, about 15 minutes on 2 cores
     python benchmarks/scaling.py --out runs/scaling --jobs 2
 
-The demo recipe (configs/demo.yaml, 16 px, 2x2 patches) at five sizes from ~26k to ~1M
-parameters (width x depth: 32x2, 48x3, 64x4, 96x4, 128x5; MLP 2x width, heads width / 16), each
-trained for three budgets (4, 8 and 16 epochs, cosine schedule to the end of each), evaluated on
+The demo recipe (configs/demo.yaml, 16 px, 2x2 patches) at four sizes from 18k to 0.67M
+parameters (width x depth: 32x2, 64x3, 96x4, 128x5; MLP 2x width, heads width / 16), each
+trained for three budgets (6, 12 and 24 epochs, cosine schedule to the end of each), evaluated on
 minival every epoch: every evaluation is a point (training FLOPs so far, minival error).
 1. The law E = a (C + d)^-b + c is fitted to the Pareto frontier of the points whose compute
    lies in the cheaper two thirds of the compute range (log scale), then asked for the frontier
@@ -31,8 +31,8 @@ from vitscale.scaling import fit_power_law, fit_runs, read_points, run_sweep
 from vitscale.scaling.study import plot_fit
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-SIZES = [(32, 2), (48, 3), (64, 4), (96, 4), (128, 5)]
-EPOCHS = [4, 8, 16]
+SIZES = [(32, 2), (64, 3), (96, 4), (128, 5)]
+EPOCHS = [6, 12, 24]
 
 
 def points_for() -> list[dict]:

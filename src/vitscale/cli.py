@@ -146,6 +146,9 @@ def cmd_scaling(args: argparse.Namespace) -> int:
             if name in iv:
                 print(f"  {name}: {getattr(fit, name):.4g}  90% interval [{iv[name][0]:.4g}, "
                       f"{iv[name][1]:.4g}]")
+        if fit.at_bounds:
+            print(f"warning: {', '.join(fit.at_bounds)} at the bound of the fit: these points do "
+                  "not determine the law well (more compute range, more runs)")
         print(f"wrote {json_path} and {png}")
         return 0
     if args.action == "predict":

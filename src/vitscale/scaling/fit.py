@@ -190,8 +190,9 @@ def fit_power_law(x, error, *, bootstrap: int = 300, seed: int = 0,
     resid = np.log(fe) - np.log(fitted)
     n = len(fe)
     rms = float(np.sqrt(np.mean(resid**2)))
+    # A constant on its bound: the data do not pin it (e.g. b = 10, a cliff, not a power law).
     at_bounds = [name for name, v, lo, hi in zip(CONSTANTS, params, lower, upper)
-                 if name in ("c", "d") and (v <= lo + 1e-9 or v >= hi * (1 - 1e-9))]
+                 if (name in ("c", "d") and v <= lo + 1e-9) or v >= hi * (1 - 1e-6)]
     samples = []
     if bootstrap:
         rng = np.random.default_rng(seed)

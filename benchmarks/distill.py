@@ -2,6 +2,7 @@
 
     python benchmarks/distill.py                      # seeds 0 1 2, about 25 minutes on 2 cores
     python benchmarks/distill.py --seeds 0 --epochs 10
+    python benchmarks/distill.py --temperature 4 --arms labels distill fixed
 
 The teacher is `configs/demo.yaml` as `make demo` trains it (seed 0). The student is the same
 recipe at width 48 and MLP 96 (the teacher: 96 and 192), so its blocks have 4x fewer parameters.
@@ -34,8 +35,9 @@ DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 STUDENT = ["model.overrides.width=48", "model.overrides.mlp_dim=96"]
 
 
-def arms(teacher: Path) -> dict[str, list[str]]:
-    teach = ["objective=distill", f"distill.teachers=[{teacher / 'model'}]"]
+def arms(teacher: Path, temperature: float = 1.0) -> dict[str, list[str]]:
+    teach = ["objective=distill", f"distill.teachers=[{teacher / 'model'}]",
+             f"distill.temperature={temperature:g}"]
     return {"labels": [], "distill": teach, "fixed": [*teach, "distill.consistent=false"],
             "distill+mixup": [*teach, "data.mixup_alpha=1.0"]}
 
@@ -55,6 +57,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, help="default: the demo recipe's")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-distill"))
     parser.add_argument("--arms", nargs="+", help="default: all four")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="distill.temperature of the distilled arms (default 1)")
     args = parser.parse_args()
     common = ["progress=false"] + ([f"epochs={args.epochs}"] if args.epochs else [])
     teacher = args.out / "teacher"
@@ -67,13 +71,14 @@ def main() -> None:
     print(f"parameters: teacher {count(t_cfg).params:,}, student {count(s_cfg).params:,} "
           f"({count(t_cfg).params / count(s_cfg).params:.2f}x)")
     names = args.arms or list(arms(teacher))
+    tag = "" if args.temperature == 1.0 else f"-t{args.temperature:g}"  # the labels run is shared
     results: dict[str, list[dict]] = {name: [] for name in names}
     for seed in args.seeds:
         for name in names:
             t = time.perf_counter()
-            out = args.out / f"{name}-seed{seed}"
-            m = run(load_config(DEMO, [*common, *STUDENT, *arms(teacher)[name], f"seed={seed}",
-                                       f"out_dir={out}"])).metrics
+            out = args.out / f"{name}{tag if name != 'labels' else ''}-seed{seed}"
+            m = run(load_config(DEMO, [*common, *STUDENT, *arms(teacher, args.temperature)[name],
+                                       f"seed={seed}", f"out_dir={out}"])).metrics
             row = {"seed": seed, "accuracy": m["test/accuracy"], "agreement": m.get("test/agreement"),
                    "kl": m.get("test/kl"), "wall_s": time.perf_counter() - t}
             results[name].append(row)

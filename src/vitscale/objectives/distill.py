@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from vitscale.config import DistillConfig
 from vitscale.data.mixing import mix_like
 from vitscale.errors import UserError
+from vitscale.models.config import pair
 from vitscale.objectives.supervised import Objective
 
 
@@ -107,10 +108,6 @@ class Teachers:
         return self._run(lambda model: model.forward_pooled(x))[0]
 
 
-def _pair(size) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
 def load_teachers(dcfg: DistillConfig, *, num_classes: int, img_size: int, device: torch.device,
                   layout=None, mesh=None, parallel=None, world=None) -> Teachers:
     """The teachers of `dcfg` on `device`, frozen; sharded as the student when `layout` is."""
@@ -139,7 +136,7 @@ def load_teachers(dcfg: DistillConfig, *, num_classes: int, img_size: int, devic
         model.requires_grad_(False)
         model.eval()
         models.append(model)
-    return Teachers(models, _pair(side), sharded)
+    return Teachers(models, pair(side), sharded)
 
 
 def _load_one(load_model, path: str, side: int, dcfg: DistillConfig, num_classes: int) -> nn.Module:

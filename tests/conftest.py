@@ -10,6 +10,18 @@ import pytest
 import torch
 
 LAUNCHES = pytest.StashKey()
+CACHE = pytest.StashKey()
+
+
+def pytest_configure(config):
+    """The digits cache (vitscale.utils.cache) in a folder of this session, shared with every
+    process the tests launch (they inherit the environment), not the user's ~/.cache."""
+    import os
+    import tempfile
+
+    if not os.environ.get("VITSCALE_CACHE"):
+        config.stash[CACHE] = tempfile.TemporaryDirectory(prefix="vitscale-cache-")
+        os.environ["VITSCALE_CACHE"] = config.stash[CACHE].name
 
 
 def pytest_collection_modifyitems(config, items):
@@ -59,6 +71,11 @@ def digits_teacher(tmp_path_factory):
         "data.crop_scale_min=0.3", "progress=false", "steps=300", "eval_every=300",
         f"out_dir={out}"]))
     return out, result.metrics["test/accuracy"]
+
+
+def pytest_unconfigure(config):
+    if CACHE in config.stash:
+        config.stash[CACHE].cleanup()
 
 
 def pytest_sessionfinish(session):

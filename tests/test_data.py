@@ -66,6 +66,36 @@ def test_digits_fixed_stratified_split(digits):
     assert other.minival.indices == digits.minival.indices
 
 
+def test_digits_cache_gives_the_computed_arrays_and_survives_a_torn_entry(tmp_path, monkeypatch):
+    """The cached digits arrays and minival split equal a fresh scikit-learn computation; a torn
+    cache file is recomputed (and rewritten), not read."""
+    from vitscale.data import sources
+    from vitscale.utils.cache import cached_arrays
+
+    monkeypatch.setenv("VITSCALE_CACHE", str(tmp_path))
+    fresh = sources._digits_arrays()
+    for _ in range(2):  # the first call computes and writes, the second reads the file
+        got = sources.digits_source()
+        assert np.array_equal(got.train.images, fresh["images"][fresh["train"]])
+        assert got.test.labels == fresh["labels"][fresh["test"]].tolist()
+    labels = np.asarray(got.train.labels)
+    rest, held = sources._stratified_split(labels, 144)  # round(0.1 x 1437)
+    assert sources.split_minival(len(labels), 0.1, got.train.labels) == (rest.tolist(), held.tolist())
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["digits", "stratified"]
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"x": np.arange(3)}
+
+    assert cached_arrays("t", "k", compute)["x"].tolist() == [0, 1, 2]
+    (entry,) = tmp_path.glob("t-*.npz")
+    entry.write_bytes(entry.read_bytes()[:20])  # torn
+    assert cached_arrays("t", "k", compute)["x"].tolist() == [0, 1, 2] and len(calls) == 2
+    assert cached_arrays("t", "k", compute)["x"].tolist() == [0, 1, 2] and len(calls) == 2
+    assert cached_arrays("t", "other key", compute) and len(calls) == 3
+
+
 def test_digits_value_range(digits):
     assert digits.resize_only  # 8x8 images at img_size 16: plain resize, no center crop
     x, y = next(iter(digits.eval_loader("test", 64)))

@@ -7,6 +7,7 @@
                               FIXED split, the same everywhere: stratified 80/20 train/test with
                               random_state=0, i.e. 1,437 train and 360 test images, so "digits test
                               accuracy" always means accuracy on the same 360 images.
+                              The arrays are cached after the first load (utils.cache).
     imagefolder:PATH          PATH/<class>/<image> (searched recursively). When PATH/train exists it
                               is the train split and PATH/test, else PATH/val or PATH/validation, is
                               the test split; otherwise PATH is the train split and there is no test
@@ -46,6 +47,7 @@ composited on WHITE). A file that cannot be decoded raises `UnreadableImage`; th
 from __future__ import annotations
 
 import glob
+import hashlib
 import inspect
 import io
 import os
@@ -62,6 +64,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from vitscale.errors import DataError
+from vitscale.utils.cache import cached_arrays, sklearn_version
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -220,19 +223,33 @@ def load_source(source: str, root: str = "data") -> Splits:
 
 
 def digits_source() -> Splits:
+    arrays = cached_arrays("digits", f"digits {sklearn_version()} {DIGITS_TEST_FRACTION} "
+                           f"{SPLIT_RANDOM_STATE}", _digits_arrays)
+    images, labels = arrays["images"], arrays["labels"]
+    train_idx, test_idx = arrays["train"], arrays["test"]
+    classes = [str(c) for c in range(10)]
+    return Splits(ArraySource(images[train_idx], labels[train_idx], classes, "digits/train"),
+                  ArraySource(images[test_idx], labels[test_idx], classes, "digits/test"), classes, [],
+                  mirror_safe=False)
+
+
+def _digits_arrays() -> dict[str, np.ndarray]:
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
     labels = digits.target.astype(np.int64)
-    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=DIGITS_TEST_FRACTION,
-                                           stratify=labels, random_state=SPLIT_RANDOM_STATE)
-    classes = [str(c) for c in range(10)]
-    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
-    return Splits(ArraySource(images[train_idx], labels[train_idx], classes, "digits/train"),
-                  ArraySource(images[test_idx], labels[test_idx], classes, "digits/test"), classes, [],
-                  mirror_safe=False)
+    train, test = _stratified_split(labels, DIGITS_TEST_FRACTION)
+    return {"images": images, "labels": labels, "train": train, "test": test}
+
+
+def _stratified_split(labels: np.ndarray, test_size: float | int) -> tuple[np.ndarray, np.ndarray]:
+    """(rest, held) sorted indices: scikit-learn's stratified split at the fixed random state."""
+    from sklearn.model_selection import train_test_split
+
+    rest, held = train_test_split(np.arange(len(labels)), test_size=test_size, stratify=labels,
+                                  random_state=SPLIT_RANDOM_STATE)
+    return np.sort(rest), np.sort(held)
 
 
 # ---------------------------------------------------------------------------------- imagefolder
@@ -634,11 +651,12 @@ def split_minival(n: int, fraction: float, labels: list[int] | None) -> tuple[li
         counts = np.bincount(np.asarray(labels))
         present = int((counts > 0).sum())
         if counts[counts > 0].min() >= 2 and present <= size <= n - present:
-            from sklearn.model_selection import train_test_split
-
-            rest, held = train_test_split(np.arange(n), test_size=size, stratify=np.asarray(labels),
-                                          random_state=SPLIT_RANDOM_STATE)
-            return sorted(rest.tolist()), sorted(held.tolist())
+            labels = np.asarray(labels, dtype=np.int64)
+            digest = hashlib.sha1(labels.tobytes()).hexdigest()
+            key = f"{sklearn_version()} {size} {SPLIT_RANDOM_STATE} {digest}"
+            split = cached_arrays("stratified", key, lambda: dict(zip(
+                ("rest", "held"), _stratified_split(labels, size))))
+            return split["rest"].tolist(), split["held"].tolist()
     perm = np.random.default_rng(SPLIT_RANDOM_STATE).permutation(n)
     return sorted(perm[size:].tolist()), sorted(perm[:size].tolist())
 

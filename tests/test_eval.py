@@ -237,13 +237,13 @@ def test_sincos_model_keeps_accuracy_at_a_higher_resolution(tmp_path):
     """A sin-cos model (the demo's position embedding) loaded at 1.5x keeps its accuracy when the
     positions stay on the trained grid; big_vision's integer positions on the new grid do not."""
     result = run(load_config(DEMO, [*TINY, "model.overrides.pool=gap", "data.crop_scale_min=0.3",
-                                    f"out_dir={tmp_path}"]))
-    source = result.metrics["test/accuracy"]
+                                    "data.batch_size=32", f"out_dir={tmp_path}"]))
+    source = result.metrics["test/accuracy"]  # seeds 0-2: 0.82, 0.82, 0.80
     kept = evaluate_checkpoint(tmp_path, "digits", img_size=24)["top1"]
-    assert kept >= source - 0.02, (source, kept)  # seeds 0-2: -1.1, +2.8, -1.4 points
+    assert kept >= source - 0.02, (source, kept)  # seeds 0-2: -1.9, +4.4, -0.6 points
     integer = load_model(tmp_path, img_size=24, posemb_ref_grid=(12, 12))
     recomputed = evaluate_model(integer, "digits")["top1"]
-    assert recomputed < kept - 0.3, (kept, recomputed)  # seeds 0-2: -61, -53, -54 points
+    assert recomputed < kept - 0.3, (kept, recomputed)  # seeds 0-2: -53, -51, -47 points
 
 
 def test_finetune_learning_rate_sweep_keeps_the_best_on_minival(trained, tmp_path, capsys):

@@ -1,18 +1,22 @@
 """A scaling study on digits: sweep -> saturating power-law fit -> prediction of the costliest runs.
 
-    python benchmarks/scaling.py                       # 12 runs, about 15 minutes on 2 cores
+    python benchmarks/scaling.py                       # 16 runs
     python benchmarks/scaling.py --out runs/scaling --jobs 2
 
 The demo recipe (configs/demo.yaml, 16 px, 2x2 patches) at four sizes from 18k to 0.67M
 parameters (width x depth: 32x2, 64x3, 96x4, 128x5; MLP 2x width, heads width / 16), each
-trained for three budgets (6, 12 and 24 epochs, cosine schedule to the end of each), evaluated on
-minival every epoch: every evaluation is a point (training FLOPs so far, minival error).
+trained for four budgets (4, 8, 16 and 32 epochs, cosine schedule to the end of each), evaluated
+on minival every 32 steps: every evaluation is a point (training FLOPs so far, minival error).
+Two changes to the demo recipe make the study measurable on digits: batch 16 (at the demo's 64,
+runs shorter than ~12 epochs are still near chance: a 4-step-per-epoch sigmoid, not a power law)
+and 30% of the train split held out as minival (431 images: error steps of 0.23 points instead
+of 0.69, and a less saturated task).
 1. The law E = a (C + d)^-b + c is fitted to the Pareto frontier of the points whose compute
    lies in the cheaper two thirds of the compute range (log scale), then asked for the frontier
    error of the costliest third; reported: each frontier point's prediction error, the largest
    of them (the bar: 2 points of error), and the fit on all points with its intervals.
 2. Sample efficiency (Scaling ViT's observation that larger models need fewer images for the
-   same error): the minival error of each size's 16-epoch run against images seen.
+   same error): the minival error of each size's longest run against images seen.
 Plots: OUT/fit-two-thirds.png, OUT/fit.png (all points), OUT/sample-efficiency.png.
 """
 
@@ -32,7 +36,7 @@ from vitscale.scaling.study import plot_fit
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 SIZES = [(32, 2), (64, 3), (96, 4), (128, 5)]
-EPOCHS = [6, 12, 24]
+EPOCHS = [4, 8, 16, 32]
 
 
 def points_for() -> list[dict]:
@@ -75,12 +79,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench-scaling"))
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--minival-fraction", type=float, default=0.3)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1" if args.jobs > 1 else "2")
     started = time.perf_counter()
     points = points_for()
     run_sweep(str(DEMO), points, args.out, jobs=args.jobs,
-              overrides=["progress=false", "eval_every=20"])
+              overrides=["progress=false", "eval_every=32", f"data.batch_size={args.batch_size}",
+                         f"data.minival_fraction={args.minival_fraction}"])
     print(f"sweep: {len(points)} runs in {time.perf_counter() - started:.0f} s", flush=True)
 
     everything = read_points(args.out, "minival/error", "compute")

@@ -8,7 +8,7 @@ parameters (width x depth: 32x2, 64x3, 96x4, 128x5; MLP 2x width, heads width / 
 trained for four budgets (4, 8, 16 and 32 epochs, cosine schedule to the end of each), evaluated
 on minival every 32 steps: every evaluation is a point (training FLOPs so far, minival error).
 Two changes to the demo recipe make the study measurable on digits: batch 16 (at the demo's 64,
-runs shorter than ~12 epochs are still near chance: a 4-step-per-epoch sigmoid, not a power law)
+runs shorter than ~12 epochs end near chance: the frontier is then a sigmoid, not a power law)
 and 30% of the train split held out as minival (431 images: error steps of 0.23 points instead
 of 0.69, and a less saturated task).
 1. The law E = a (C + d)^-b + c is fitted to the Pareto frontier of the points whose compute

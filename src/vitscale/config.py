@@ -147,6 +147,11 @@ class OptimConfig:
     lr_mults: dict[str, float] = field(default_factory=dict,  # regex -> lr multiplier
                                        metadata={"bounds": {"ge": 0}})
     grad_clip: float | None = setting(1.0, gt=0)  # global-norm clipping; None: off
+    # Layer-wise lr decay (BEiT / ViTDet fine-tuning): block i of a depth-L ViT at
+    # lr * layer_decay^(L - i), the patch embedding, tokens and posemb at layer_decay^(L + 1),
+    # the final norm, head and anything outside the ViT (a detector's heads) at lr; As-ViT counts
+    # its blocks across stages. None: off.
+    layer_decay: float | None = setting(None, gt=0, le=1)
 
 
 @dataclass

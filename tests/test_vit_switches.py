@@ -14,6 +14,14 @@ from vitscale.optim import param_groups
 TINY = dict(width=16, depth=3, heads=2, mlp_dim=32, num_classes=5)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()  # tiny ops: one thread is faster on a shared 2-core box
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _tiny(**kw):
     torch.manual_seed(0)
     return create_model("Ti/4", img_size=16, **{**TINY, **kw}).eval()

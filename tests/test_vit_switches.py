@@ -152,3 +152,27 @@ def test_layer_decay_inside_a_wrapper_and_asvit():
     assert lrs["head.weight"] == 1.0
     with pytest.raises(ConfigError, match="layer_decay"):
         _lrs(torch.nn.Linear(3, 3), 0.5)
+
+
+def test_sequence_parallel_refuses_window_attention():
+    from vitscale.parallel.tp import check_tp
+
+    model = create_model("Ti/4", img_size=16, width=16, depth=2, heads=2, mlp_dim=32,
+                         pool="gap", window_size=2)
+    check_tp(model, 2, False)  # tensor parallelism alone: windows are whole on every rank
+    with pytest.raises(ConfigError, match="sequence_parallel=false"):
+        check_tp(model, 2, True)
+
+
+@pytest.mark.parametrize("size", [(16, 16), (12, 20)])
+def test_window_flops_count_what_runs(size):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vitscale.models import count
+
+    # A 3x3 / 3x5 grid in windows of 2 (padded to 4x4 / 4x6), a class token, one global block.
+    model = _tiny(window_size=2, global_blocks=(1,), dynamic_img_size=True)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # no fused path
+        model(torch.randn(1, 3, *size))
+    assert counter.get_total_flops() == count(model.cfg, size).flops

@@ -176,3 +176,17 @@ def test_window_flops_count_what_runs(size):
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:  # no fused path
         model(torch.randn(1, 3, *size))
     assert counter.get_total_flops() == count(model.cfg, size).flops
+
+
+def test_formats_without_windows_refuse_them(tmp_path):
+    from vitscale.errors import CheckpointError
+    from vitscale.models import load, save
+    from vitscale.models.weights import save_timm
+
+    model = _tiny(window_size=2, global_blocks=(1,))
+    with pytest.raises(CheckpointError, match="window attention"):
+        save_timm(model, tmp_path / "timm.safetensors")
+    save(model, tmp_path / "vit")  # vitscale's format keeps the switch
+    assert load(tmp_path / "vit").cfg.global_blocks == (1,)
+    model.set_windows(0)
+    save_timm(model, tmp_path / "timm.safetensors")

@@ -147,6 +147,11 @@ class OptimConfig:
     lr_mults: dict[str, float] = field(default_factory=dict,  # regex -> lr multiplier
                                        metadata={"bounds": {"ge": 0}})
     grad_clip: float | None = setting(1.0, gt=0)  # global-norm clipping; None: off
+    # Layer-wise lr decay (BEiT / ViTDet fine-tuning): block i of a depth-L ViT at
+    # lr * layer_decay^(L - i), the patch embedding, tokens and posemb at layer_decay^(L + 1),
+    # the final norm, head and anything outside the ViT (a detector's heads) at lr; As-ViT counts
+    # its blocks across stages. None: off.
+    layer_decay: float | None = setting(None, gt=0, le=1)
 
 
 @dataclass
@@ -294,6 +299,66 @@ class TrainConfig:
     # workspace, at some speed. CPU runs are reproducible without it.
     deterministic: bool = False
     progress: bool = True
+
+
+@dataclass
+class DetectDataConfig:
+    """COCO-format detection data (`coco:IMAGES_DIR,ANNOTATIONS.json`, vitscale.detection.data)."""
+
+    train: str = ""
+    val: str | None = None  # None: evaluate on the training set
+    img_size: int = setting(128, ge=16)  # the detector resizes the shorter side to this
+    max_size: int | None = setting(None, ge=16)  # cap of the longer side; None: img_size
+    batch_size: int = setting(2, ge=1)
+    eval_batch_size: int = setting(4, ge=1)
+    flip: bool = True  # random horizontal flips of the training images (and boxes)
+
+
+def _detect_optim() -> OptimConfig:
+    return OptimConfig(lr=1e-4, weight_decay=0.1)  # AdamW, ViTDet's lr and decay
+
+
+@dataclass
+class DetectConfig:
+    """`vitscale detect train`: a torchvision detector on a ViT (ViTDet's simple feature
+    pyramid) or As-ViT (FPN) backbone, trained on COCO-format data."""
+
+    model: ModelSection = field(default_factory=ModelSection)  # the backbone, as for training
+    detector: Literal["fasterrcnn", "retinanet"] = "fasterrcnn"
+    scales: list[float] = field(default_factory=lambda: [4.0, 2.0, 1.0, 0.5])  # ViT: pyramid scales
+    out_channels: int = setting(256, ge=1)
+    anchor_sizes: list[float] | None = setting(None, gt=0)  # one per level; None: 8 x stride
+    representation_size: int = setting(1024, ge=1)  # box head width (Faster R-CNN)
+    # Further keyword arguments of the torchvision detector class, e.g.
+    # {box_batch_size_per_image: 128, rpn_post_nms_top_n_train: 500}.
+    detector_options: dict[str, Any] = field(default_factory=dict)
+    data: DetectDataConfig = field(default_factory=DetectDataConfig)
+    optim: OptimConfig = field(default_factory=_detect_optim)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    steps: int = setting(100, ge=1)
+    seed: int = setting(0, ge=0)
+    log_every: int = setting(10, ge=1)
+    eval_every: int | None = setting(None, ge=1)  # steps; None: at the end only
+    ckpt_every: int | None = setting(None, ge=1)  # steps; None: at the end only
+    keep_checkpoints: int = setting(2, ge=1)
+    out_dir: str = "runs/detect"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    progress: bool = True
+
+
+def validate_DetectConfig(cfg: DetectConfig) -> None:  # noqa: N802 - looked up by class name
+    check_ranges(cfg)  # an empty data.train is refused when training starts (a recipe has none)
+    for key in ("train", "val"):
+        value = getattr(cfg.data, key)
+        if value and not value.startswith("coco:"):
+            raise ConfigError(f"data.{key}={value!r} is not coco:IMAGES_DIR,ANNOTATIONS.json")
+    if cfg.model.init:
+        return
+    try:
+        cfg.model.build_config(num_classes=0, img_size=cfg.data.img_size)
+    except ConfigError as exc:
+        raise ConfigError(f"model {cfg.model.name!r} at data.img_size={cfg.data.img_size}: "
+                          f"{exc}") from None
 
 
 # ---------------------------------------------------------------------------------- loading

@@ -500,6 +500,8 @@ def _check_writable(cfg: ModelConfig, layout: str) -> None:
         problems.append("QK LayerNorm")
     if cfg.dist_token:
         problems.append("a DeiT distillation token")
+    if any(cfg.windowed(i) for i in range(cfg.depth)):
+        problems.append("window attention (window_size)")
     if cfg.pool == "gap" and cfg.gap_norm == "pooled":
         problems.append("gap_norm='pooled' (the npz encoder_norm acts on tokens)")
     if cfg.posemb == "none":

@@ -98,12 +98,22 @@ class ModelConfig:
     resample_antialias: bool = True
     resample_align_corners: bool = False  # True + bilinear + no antialias = big_vision's zoom
     dynamic_img_size: bool = False  # resample learned posemb on the fly for other input sizes
+    # Pad inputs whose size is not a multiple of the patch (zeros at the bottom / right) instead
+    # of refusing them; the tokens of the padded grid are all kept.
+    dynamic_img_pad: bool = False
+    # Window attention (ViTDet): with window_size > 0, every block not listed in global_blocks
+    # attends inside non-overlapping window_size x window_size windows of the patch grid (the
+    # grid zero-padded to a multiple of the window; prefix tokens attend among themselves
+    # there); 0: every block global.
+    window_size: int = 0
+    global_blocks: tuple[int, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes (source, tags)
 
     def __post_init__(self) -> None:
         self.img_size = pair(self.img_size)
         self.patch = pair(self.patch)
         self.hybrid_layers = tuple(int(v) for v in self.hybrid_layers)
+        self.global_blocks = tuple(sorted({int(v) for v in self.global_blocks}))
         if self.posemb_ref_grid is not None:
             self.posemb_ref_grid = pair(self.posemb_ref_grid)
             if self.posemb_ref_grid == self.grid_size:
@@ -211,13 +221,24 @@ class ModelConfig:
         if self.dist_token and (self.pool != "token" or self.head_hidden or self.num_classes < 1):
             raise ConfigError("model.dist_token=true (DeiT) needs pool='token', no head_hidden and "
                               "a classifier (num_classes >= 1)")
+        if self.window_size < 0:
+            raise ConfigError(f"model.window_size={self.window_size} must be >= 0 (0: global "
+                              "attention in every block)")
+        bad = [b for b in self.global_blocks if not 0 <= b < self.depth]
+        if bad:
+            raise ConfigError(f"model.global_blocks {bad} are not blocks of a depth-{self.depth} "
+                              f"model; use indices 0..{self.depth - 1}")
         if self.qk_norm and self.head_dim < 1:
             raise ConfigError("model.qk_norm needs a head dimension >= 1")
 
     # ------------------------------------------------------------------ (de)serialisation
+    def windowed(self, block: int) -> bool:
+        """Whether block `block` attends inside windows (window_size > 0 and not global)."""
+        return self.window_size > 0 and block not in self.global_blocks
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        for key in ("img_size", "patch", "hybrid_layers", "posemb_ref_grid"):
+        for key in ("img_size", "patch", "hybrid_layers", "posemb_ref_grid", "global_blocks"):
             if out[key] is not None:
                 out[key] = list(out[key])
         return out

@@ -49,6 +49,17 @@ def block_flops(cfg: ModelConfig, tokens: int) -> int:
     return 2 * tokens * (dense + attention)
 
 
+def window_block_flops(cfg: ModelConfig, grid: tuple[int, int]) -> int:
+    """A block with window attention (`window_size`): qkv and proj on the grid padded to whole
+    windows (the padding is computed) and on the prefix tokens, attention inside each window
+    and among the prefix tokens, the MLP on the real tokens."""
+    d, m, w = cfg.width, cfg.mlp_dim, cfg.window_size
+    padded = -(-grid[0] // w) * w * (-(-grid[1] // w) * w)
+    prefix = cfg.num_prefix_tokens
+    attention = 2 * d * (padded * w * w + prefix * prefix)
+    return 2 * ((padded + prefix) * 4 * d * d + (grid[0] * grid[1] + prefix) * 2 * d * m + attention)
+
+
 def map_head_counts(cfg: ModelConfig, tokens: int) -> Counts:
     d, m = cfg.width, cfg.map_mlp_dim or cfg.mlp_dim
     params = d  # probe
@@ -79,7 +90,10 @@ def count(cfg: ModelConfig, img_size: int | tuple[int, int] | None = None) -> Co
         params += (cfg.num_patches + cfg.posemb_prefix_rows) * d
 
     params += cfg.depth * block_params(cfg)
-    flops += cfg.depth * block_flops(cfg, tokens)
+    windowed = sum(cfg.windowed(i) for i in range(cfg.depth))
+    flops += (cfg.depth - windowed) * block_flops(cfg, tokens)
+    if windowed:
+        flops += windowed * window_block_flops(cfg, (h // cfg.patch[0], w // cfg.patch[1]))
     params += _norm(d, cfg.norm_bias)  # final norm (on tokens, or on the pooled vector)
 
     if cfg.pool == "map":

@@ -321,6 +321,8 @@ def _unsupported(cfg: ModelConfig) -> list[str]:
         reasons.append("a pre-logits layer (head_hidden) under a classifier")
     if cfg.dist_token:
         reasons.append("a distillation token (DeiT; transformers' DeiT classes are not written)")
+    if any(cfg.windowed(i) for i in range(cfg.depth)):
+        reasons.append("window attention (window_size; set window_size=0 for global attention)")
     return reasons
 
 

@@ -121,10 +121,10 @@ class Block(nn.Module):
                         and cfg.qkv_bias and cfg.proj_bias and cfg.mlp_bias and cfg.norm_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fusable and not self.training and not torch.is_grad_enabled() and x.is_cpu \
-                and not torch.is_autocast_enabled() and x.dtype == self.norm1.weight.dtype:
+        if self.fusable and not self.window and not self.training and not torch.is_grad_enabled() \
+                and x.is_cpu and not torch.is_autocast_enabled() and x.dtype == self.norm1.weight.dtype:
             return self._fused_forward(x)
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        x = x + self.drop_path1(attend(self, self.norm1(x)))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +149,42 @@ class ParallelBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm1(x)
-        return x + self.drop_path(self.attn(y) + self.mlp(y))
+        return x + self.drop_path(attend(self, y) + self.mlp(y))
+
+
+# Window attention (ViTDet): the model sets `window` (0: global), `grid` (the patch grid of the
+# current input) and `num_prefix` on each block; the attention module itself is unchanged.
+def attend(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """block.attn on x, globally or inside block.window x block.window windows of the grid."""
+    window = getattr(block, "window", 0)
+    if not window:
+        return block.attn(x)
+    return window_attention(block.attn, x, block.grid, window, block.num_prefix)
+
+
+def window_attention(attn: nn.Module, x: torch.Tensor, grid: tuple[int, int], window: int,
+                     num_prefix: int = 0) -> torch.Tensor:
+    """`attn` applied to each window x window window of the (gh, gw) token grid separately.
+
+    x is (B, prefix + gh * gw, D). The grid is zero-padded at the bottom / right to multiples of
+    the window (as ViTDet does; padded tokens are dropped again afterwards) and the windows
+    become the batch; the prefix tokens (class / distillation) attend among themselves only.
+    """
+    b, _, d = x.shape
+    gh, gw = grid
+    prefix, tokens = x[:, :num_prefix], x[:, num_prefix:]
+    ph, pw = (-gh) % window, (-gw) % window
+    tokens = tokens.reshape(b, gh, gw, d)
+    if ph or pw:
+        tokens = F.pad(tokens, (0, 0, 0, pw, 0, ph))
+    nh, nw = (gh + ph) // window, (gw + pw) // window
+    wins = tokens.reshape(b, nh, window, nw, window, d).permute(0, 1, 3, 2, 4, 5)
+    out = attn(wins.reshape(b * nh * nw, window * window, d))
+    out = out.reshape(b, nh, nw, window, window, -1).permute(0, 1, 3, 2, 4, 5)
+    out = out.reshape(b, nh * window, nw * window, -1)[:, :gh, :gw].reshape(b, gh * gw, -1)
+    if num_prefix:
+        out = torch.cat([attn(prefix), out], dim=1)
+    return out
 
 
 def _attention(cfg) -> Attention:

@@ -66,6 +66,7 @@ class VisionTransformer(nn.Module):
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         block_cls = ParallelBlock if cfg.block == "parallel" else Block
         self.blocks = nn.Sequential(*[block_cls(cfg, rate) for rate in rates])
+        self.set_windows(cfg.window_size, cfg.global_blocks)
 
         # timm names the final LayerNorm `norm` when it acts on tokens and `fc_norm` when it acts
         # on the pooled vector; keep both names so either kind of checkpoint loads as is.
@@ -151,6 +152,15 @@ class VisionTransformer(nn.Module):
                 nn.init.xavier_uniform_(head.weight)
             nn.init.constant_(head.bias, bias_init)
 
+    def set_windows(self, window_size: int, global_blocks=()) -> None:
+        """Window attention (ViTDet) in every block but `global_blocks`; window_size=0: global
+        everywhere. Attention has no parameters of its own to change, so trained weights stay."""
+        self.cfg = self.cfg.replace(window_size=int(window_size), global_blocks=tuple(global_blocks))
+        for i, block in enumerate(self.blocks):
+            block.window = self.cfg.window_size if self.cfg.windowed(i) else 0
+            block.num_prefix = self.num_prefix_tokens
+            block.grid = self.cfg.grid_size
+
     # ------------------------------------------------------------------ forward
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         cfg = self.cfg
@@ -191,18 +201,31 @@ class VisionTransformer(nn.Module):
             raise ConfigError(
                 f"expected images of shape (B, {self.cfg.in_chans}, H, W), got {tuple(x.shape)}"
             )
+        x = self.pad_input(x)
         grid = self._grid(x.shape[-2], x.shape[-1])
+        if self.cfg.window_size:
+            for block in self.blocks:
+                block.grid = grid
         x = self.patch_embed(x)
         x = self.pos_drop(self._pos_embed(x, grid))
         x = self.blocks(x)
         return self.norm(x)
+
+    def pad_input(self, x: torch.Tensor) -> torch.Tensor:
+        """With dynamic_img_pad, images zero-padded at the bottom / right to a multiple of the
+        patch; otherwise as they are."""
+        ph, pw = self.cfg.patch
+        bottom, right = (-x.shape[-2]) % ph, (-x.shape[-1]) % pw
+        if self.cfg.dynamic_img_pad and (bottom or right):
+            x = torch.nn.functional.pad(x, (0, right, 0, bottom))
+        return x
 
     def _grid(self, h: int, w: int) -> tuple[int, int]:
         ph, pw = self.cfg.patch
         if h % ph or w % pw:
             raise ConfigError(
                 f"input size {h}x{w} is not divisible by the patch size {ph}x{pw}; resize or crop "
-                "the images to a multiple of the patch size"
+                "the images to a multiple of the patch size, or set dynamic_img_pad=true"
             )
         return (h // ph, w // pw)
 

@@ -473,6 +473,11 @@ def to_timm_state_dict(model: VisionTransformer) -> dict[str, torch.Tensor]:
             "grid; load it with img_size=N, the size the timm model will run at (vitscale "
             "convert: --img-size N)"
         )
+    if any(model.cfg.windowed(i) for i in range(model.cfg.depth)):
+        raise CheckpointError(
+            f"{model.cfg.name} uses window attention (window_size={model.cfg.window_size}), which "
+            "timm's VisionTransformer does not have; its outputs there would differ. Save in "
+            "vitscale format, or set window_size=0 (model.set_windows(0)) to export global attention")
     if model.cfg.posemb == "sincos2d":
         sd["pos_embed"] = model.pos_embed_fixed.detach().cpu().clone()
     return vitscale_parallel_to_timm(sd) if model.cfg.block == "parallel" else sd

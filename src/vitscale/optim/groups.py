@@ -39,6 +39,56 @@ def _compile_lr_mults(lr_mults: dict[str, float]) -> list[tuple[re.Pattern[str],
     return compiled
 
 
+def layer_ids(model: nn.Module) -> tuple[dict[str, int], int]:
+    """({parameter name: layer id}, number of layers) for layer-wise lr decay.
+
+    Ids count from the input: 0 for a ViT's patch embedding, class / distillation tokens and
+    position embedding (an As-ViT's tokenizer), i + 1 for block i (As-ViT's blocks numbered across
+    its stages, a re-embedding with the first block of the stage it feeds), and depth + 1 for
+    everything else of the model (final norm, pooling, head). Parameters outside every ViT in
+    `model` (a detector's pyramid and heads) get no id: they train at the full lr. A one-line
+    ConfigError when `model` holds no ViT or As-ViT.
+    """
+    from vitscale.models.asvit import AsViT
+    from vitscale.models.vit import VisionTransformer
+
+    ids: dict[str, int] = {}
+    layers = None
+    for prefix, module in model.named_modules():
+        if not isinstance(module, (VisionTransformer, AsViT)):
+            continue
+        pre = f"{prefix}." if prefix else ""
+        if isinstance(module, VisionTransformer):
+            top = len(module.blocks) + 1
+            firsts = {"patch_embed": 0, "cls_token": 0, "dist_token": 0, "pos_embed": 0}
+            for name, _ in module.named_parameters():
+                head, _, rest = name.partition(".")
+                if head == "blocks":
+                    ids[pre + name] = int(rest.split(".", 1)[0]) + 1
+                else:
+                    ids[pre + name] = firsts.get(head, top)
+        else:
+            starts = [0]
+            for stage in module.stages:
+                starts.append(starts[-1] + len(stage))
+            top = starts[-1] + 1
+            for name, _ in module.named_parameters():
+                parts = name.split(".")
+                if parts[0] == "tokenizer":
+                    ids[pre + name] = 0
+                elif parts[0] == "stages":
+                    ids[pre + name] = starts[int(parts[1])] + int(parts[2]) + 1
+                elif parts[0] == "reembeds":  # reembeds[i] feeds stages[i + 1]
+                    ids[pre + name] = starts[int(parts[1]) + 1] + 1
+                else:
+                    ids[pre + name] = top
+        layers = top if layers is None else max(layers, top)
+    if layers is None:
+        raise ConfigError("optim.layer_decay needs a ViT or As-ViT in the model (it scales the lr "
+                          "by block); remove optim.layer_decay for this model")
+    return ids, layers
+
+
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     """Optimizer param groups for `model`, one per (decay kind, lr multiplier).
 
@@ -48,9 +98,12 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     `re.search`es the parameter name wins, else 1. Each group carries `name`, `weight_decay`,
     `lr_mult`, `lr = cfg.lr * lr_mult` and `scheduled_lr = cfg.lr` (the lr before lr_mult, which
     adafactor_bv multiplies its decay by); `apply_lr` rewrites both every step. Frozen parameters
-    are left out.
+    are left out. With cfg.layer_decay, each parameter's multiplier is also multiplied by
+    layer_decay ** (layers - layer id) (`layer_ids`), one group per (kind, multiplier).
     """
     mults = _compile_lr_mults(cfg.lr_mults)
+    decay = cfg.layer_decay
+    ids, layers = layer_ids(model) if decay is not None and decay != 1.0 else ({}, 0)
     head_wd = cfg.weight_decay if cfg.head_weight_decay is None else cfg.head_weight_decay
     groups: dict[tuple[str, float], dict[str, Any]] = {}
     for name, p in model.named_parameters():
@@ -63,6 +116,9 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
         else:
             kind, wd = "no_decay", 0.0
         mult = next((m for regex, m in mults if regex.search(name)), 1.0)
+        layer = ids.get(name, layers)
+        if layer < layers:
+            mult *= decay ** (layers - layer)
         key = (kind, mult)
         if key not in groups:
             label = kind if mult == 1.0 else f"{kind}/lr_mult={mult:g}"

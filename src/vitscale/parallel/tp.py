@@ -161,6 +161,10 @@ def check_tp(model: nn.Module, tp: int, sequence_parallel: bool, *, dp_shard: in
     if cfg.stem == "hybrid":
         raise ConfigError("tensor parallelism is not supported for a hybrid ResNet stem "
                           "(model.stem=hybrid); use parallel.dp_shard (FSDP) instead of parallel.tp")
+    if sequence_parallel and cfg.window_size:
+        raise ConfigError("parallel.sequence_parallel=true cannot shard the token sequence of "
+                          "window attention (model.window_size > 0: windows cut across the "
+                          "shards); set parallel.sequence_parallel=false (tp alone works)")
     mlp_dims = [cfg.mlp_dim] + ([cfg.map_mlp_dim or cfg.mlp_dim] if cfg.pool == "map" else [])
     valid = _divisors(cfg.heads, cfg.width, *mlp_dims)
     where = "the blocks' and the MAP head's" if cfg.pool == "map" else "the blocks'"

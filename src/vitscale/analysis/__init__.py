@@ -17,8 +17,8 @@ from vitscale.analysis.attribution import integrated_gradients
 from vitscale.analysis.embeddings import (
     filter_components,
     patch_kernels,
-    position_table,
     posemb_similarity,
+    position_table,
 )
 from vitscale.analysis.robustness import CORRUPTIONS, SEVERITY_PARAMS, corrupt, robustness
 

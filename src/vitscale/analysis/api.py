@@ -12,8 +12,7 @@ import torch
 
 from vitscale.analysis.attention import attention_distance, attention_rollout, is_asvit
 from vitscale.analysis.attribution import integrated_gradients
-from vitscale.analysis.embeddings import (filter_components, patch_kernels, position_table,
-                                          posemb_similarity)
+from vitscale.analysis.embeddings import filter_components, patch_kernels, posemb_similarity, position_table
 from vitscale.analysis.robustness import robustness
 from vitscale.errors import ConfigError, UserError
 from vitscale.utils.io import atomic_write_text

@@ -156,7 +156,7 @@ def test_rollout_rows_sum_to_one_and_equal_the_explicit_product():
 def test_ig_is_complete_and_equals_a_riemann_sum():
     model = _vit(img_size=8, width=16, depth=1, heads=1, mlp_dim=32)
     x = torch.randn(2, 3, 8, 8).clamp(-1, 1)
-    res = integrated_gradients(model, x, target=3, baseline="black", steps=64)
+    res = integrated_gradients(model, x, target=3, baseline="black", steps=64, internal_batch_size=128)
     assert torch.all(res["gap"] <= 1e-3 * res["delta_f"].abs())
     steps, base = 128, torch.full_like(x, -1.0)  # midpoint Riemann sum of the path gradients
     alphas = ((torch.arange(steps) + 0.5) / steps)[:, None, None, None, None]
@@ -164,7 +164,7 @@ def test_ig_is_complete_and_equals_a_riemann_sum():
     grads = torch.autograd.grad(model(path)[:, 3].sum(), path)[0]
     ref = grads.reshape(steps, *x.shape).mean(0) * (x - base)
     assert (res["attributions"] - ref).abs().max() <= 1e-3 * ref.abs().max()
-    blur = integrated_gradients(model, x, baseline="blur", steps=64)  # the predicted class
+    blur = integrated_gradients(model, x, baseline="blur", steps=64, internal_batch_size=128)
     assert torch.equal(blur["target"], model(x).argmax(-1))
     assert torch.all(blur["relative_gap"] <= 1e-3)
 
@@ -221,7 +221,7 @@ def test_analyze_cli_on_the_digits_model(digits_teacher, tmp_path, capsys):
     run, _ = digits_teacher
     out = tmp_path / "an"
     assert main(["analyze", str(run), "--data", "digits", "--images", "4", "--robust-images",
-                 "16", "--ig-steps", "8", "--out", str(out), "--json"]) == 0
+                 "8", "--ig-steps", "4", "--out", str(out), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["skipped"] == {}
     for name in ("filters", "posemb", "distance", "rollout", "ig", "robustness"):
@@ -233,7 +233,7 @@ def test_analyze_cli_on_the_digits_model(digits_teacher, tmp_path, capsys):
     assert doc["distance_summary"]["layer_mean"][1] > doc["distance_summary"]["layer_mean"][0]
     assert doc["posemb"]["kind"] == "learned" and doc["rollout"]["variant"] == "gap"
     assert doc["rollout"]["max_row_sum_error"] < 1e-6
-    assert doc["robustness"]["n"] == 16
+    assert doc["robustness"]["n"] == 8
 
 
 def test_analyze_bad_input_is_one_line(tmp_path, capsys):

@@ -83,7 +83,7 @@ def run_posemb(model, out: Path) -> dict:
     fig = figure(figsize=(6, 5.4))
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(_mosaic(tiles, gw, fill=float("nan"))[0].numpy(), cmap="viridis",
-                   vmin=-1, vmax=1, interpolation="nearest")
+                   vmin=float(sim.min()), vmax=1, interpolation="nearest")
     ax.set_xticks([(j + 0.5) * (gw + 1) - 1 for j in range(gw)], [str(j + 1) for j in range(gw)],
                   fontsize=6)
     ax.set_yticks([(i + 0.5) * (gh + 1) - 1 for i in range(gh)], [str(i + 1) for i in range(gh)],
@@ -137,8 +137,7 @@ def _overlay(fig, images: torch.Tensor, maps: torch.Tensor, title: str, labels: 
 
 def run_rollout(model, images: torch.Tensor, out: Path, variant: str = "auto") -> dict:
     res = attention_rollout(model, images, variant)
-    with torch.no_grad():
-        pred = model(images).argmax(-1)
+    pred = res["logits"].argmax(-1)
     fig = figure(figsize=(1.2 * len(images) + 0.4, 3.0))
     _overlay(fig, images, res["maps"], f"attention rollout ({res['variant']} variant): input, "
              "then where the decision looks", [f"pred {int(p)}" for p in pred])

@@ -200,7 +200,8 @@ def rollout(probs: Sequence[torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def attention_rollout(model, images: torch.Tensor, variant: str = "auto") -> dict:
-    """Rollout of a ViT over `images`: {"rollout": (B, N, N), "maps": (B, gh, gw), "variant"}.
+    """Rollout of a ViT over `images`: {"rollout": (B, N, N), "maps": (B, gh, gw), "variant",
+    "logits"}.
     variant "cls": the class token's row over the patches; "gap": the mean of the patch tokens'
     rows (what a GAP / MAP head pools); "auto": cls for a class-token head, else gap."""
     if is_asvit(model):
@@ -216,9 +217,10 @@ def attention_rollout(model, images: torch.Tensor, variant: str = "auto") -> dic
         raise ConfigError("the cls rollout needs a class token; this model has none (use gap)")
     model.eval()
     with record_attention(model) as rec:
-        model(images)
+        logits = model(images)
         geom = rec.layers[0]
         r = rollout([p[0] for p in rec.probs])
     p = geom.prefix
     flow = r[:, 0, p:] if variant == "cls" else r[:, p:, p:].mean(dim=1)
-    return {"rollout": r, "maps": flow.reshape(-1, *geom.grid), "variant": variant}
+    return {"rollout": r, "maps": flow.reshape(-1, *geom.grid), "variant": variant,
+            "logits": logits}

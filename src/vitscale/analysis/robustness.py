@@ -1,9 +1,11 @@
 """Accuracy and calibration under generated corruptions at ImageNet-C's five severities
 (Hendrycks & Dietterich 2019): Gaussian noise, Gaussian blur, JPEG and contrast, with
-ImageNet-C's parameters per severity, made with torch / torchvision ops on [0, 1] images.
+ImageNet-C's parameters per severity, made with torch / torchvision ops on [0, 1] images at the
+model's input resolution.
 
-ImageNet-C's blur sigmas are in pixels of 224 px images; here they are scaled by side / 224 so a
-severity blurs the same fraction of any image (digits at 16 px would otherwise be a flat grey)."""
+The blur sigmas are ImageNet-C's, in pixels of the image as the model sees it (so at 16 px a
+severity blurs far more of the object than at 224 px); the kernel is 3 sigma wide each side,
+cut to the image (2 * side - 1) where that is smaller."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from vitscale.errors import ConfigError
 
 SEVERITY_PARAMS: dict[str, tuple[float, ...]] = {
     "gaussian_noise": (0.08, 0.12, 0.18, 0.26, 0.38),  # noise std on [0, 1] pixels
-    "gaussian_blur": (1.0, 2.0, 3.0, 4.0, 6.0),  # sigma in pixels of a 224 px image
+    "gaussian_blur": (1.0, 2.0, 3.0, 4.0, 6.0),  # sigma in pixels
     "jpeg": (25, 18, 15, 10, 7),  # JPEG quality
     "contrast": (0.4, 0.3, 0.2, 0.1, 0.05),  # deviation from the image mean kept
 }
@@ -35,7 +37,7 @@ def corrupt(images: torch.Tensor, name: str, severity: int, seed: int = 0) -> to
         noise = torch.randn(images.shape, generator=gen, dtype=images.dtype)
         return (images + c * noise.to(images.device)).clamp(0, 1)
     if name == "gaussian_blur":
-        return gaussian_blur(images, c * min(images.shape[-2:]) / 224.0).clamp(0, 1)
+        return gaussian_blur(images, c).clamp(0, 1)
     if name == "contrast":
         mean = images.mean(dim=(1, 2, 3), keepdim=True)
         return ((images - mean) * c + mean).clamp(0, 1)

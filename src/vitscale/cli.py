@@ -441,6 +441,50 @@ def cmd_autoscale(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from vitscale.analysis import analyze_checkpoint, parse_what
+
+    what = parse_what(args.what)  # an unknown name fails before the checkpoint is loaded
+    res = analyze_checkpoint(args.checkpoint, args.data, what, images=args.images,
+                             out_dir=args.out, img_size=args.img_size, baseline=args.baseline,
+                             ig_steps=args.ig_steps, rollout_variant=args.rollout,
+                             robust_images=args.robust_images)
+    if args.json:
+        doc = {k: v for k, v in res.items() if k not in ("distance",)}
+        if "distance" in res:
+            doc["distance"] = res["distance"]["distance"]
+            doc["distance_summary"] = {k: v for k, v in res["distance"].items() if k != "distance"}
+        print(json.dumps(doc))
+        return 0
+    print(f"{res['checkpoint']} on {res['data']}: files in {res['out_dir']}")
+    for name, why in res["skipped"].items():
+        print(f"  {name}: skipped ({why})")
+    if "filters" in res:
+        ex = res["filters"]["explained"]
+        print(f"  filters: top {len(ex)} components explain {sum(ex):.1%} of the kernel variance")
+    if "posemb" in res:
+        print(f"  posemb: {res['posemb']['kind']} table on a {res['posemb']['grid']} grid")
+    if "distance" in res:
+        d = res["distance"]
+        rho = "n/a" if d["spearman"] is None else f"{d['spearman']:.2f}"
+        print(f"  distance (px, mean over heads, by layer): "
+              f"{' '.join(f'{v:.1f}' for v in d['layer_mean'])}; Spearman with depth {rho}")
+    if "rollout" in res:
+        print(f"  rollout: {res['rollout']['variant']} variant, rows sum to 1 within "
+              f"{res['rollout']['max_row_sum_error']:.1e}")
+    if "ig" in res:
+        print(f"  ig: {res['ig']['baseline']} baseline, {res['ig']['steps']} steps, completeness gap "
+              f"at most {res['ig']['max_relative_gap']:.1e} of |F(x) - F(baseline)|")
+    if "robustness" in res:
+        r = res["robustness"]
+        print(f"  robustness on {r['n']} {res['split']} images (accuracy / ECE by severity 1-5; "
+              f"clean {r['clean']['accuracy']:.3f} / {r['clean']['ece']:.3f}):")
+        _table(["corruption", *[str(s) for s in range(1, 6)]],
+               [[name, *[f"{x['accuracy']:.3f} / {x['ece']:.3f}" for x in rows]]
+                for name, rows in r["corruptions"].items()])
+    return 0
+
+
 def _add_data_args(p: argparse.ArgumentParser, cache: bool = True) -> None:
     p.add_argument("checkpoint", help="any checkpoint `vitscale convert` reads, or a run directory")
     p.add_argument("--data", required=True, help="data source: digits, imagefolder:PATH, hf:NAME, ...")
@@ -681,6 +725,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--wd", default="1e-6,1e-5,1e-4,1e-3,1e-2,1e-1", help="weight decays to sweep")
     p.set_defaults(func=cmd_linear_probe)
+
+    p = sub.add_parser("analyze", help="what a ViT learned and why it predicts: embedding "
+                       "filters, posemb similarity, attention distance, rollout, IG, robustness",
+                       description="Each analysis writes <what>.png and <what>.json into --out "
+                       "(default: the checkpoint's run directory /analysis). Without --what, every "
+                       "analysis that applies to the model runs; the others are noted.")
+    p.add_argument("checkpoint", help="any checkpoint `vitscale convert` reads, or a run directory")
+    p.add_argument("--data", required=True, help="data source: digits, imagefolder:PATH, hf:NAME, ...")
+    p.add_argument("--what", help="comma-separated: filters,posemb,distance,rollout,ig,robustness "
+                   "(default: all that apply)")
+    p.add_argument("--images", type=int, default=8, help="test images for distance, rollout and "
+                   "ig (default 8)")
+    p.add_argument("--robust-images", type=int, help="robustness on the first N test images "
+                   "(default: the whole test split)")
+    p.add_argument("--out", metavar="DIR", help="where the PNGs and JSONs go")
+    p.add_argument("--img-size", type=int, help="analyse at this resolution (posemb resampled)")
+    p.add_argument("--baseline", choices=("black", "blur"), default="black", help="IG baseline")
+    p.add_argument("--ig-steps", type=int, default=64, help="IG integration points (default 64)")
+    p.add_argument("--rollout", choices=("auto", "cls", "gap"), default="auto",
+                   help="rollout of the class token's row or the patches' mean (auto: the "
+                   "model's pooling)")
+    p.add_argument("--json", action="store_true", help="print the numbers as one JSON object")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("finetune", help="fine-tune a checkpoint (new zero head, posemb resampled)",
                        description="The ViT paper's recipe unless overridden: SGD momentum 0.9, "

@@ -212,6 +212,9 @@ class WindowAttention(nn.Module):
         self.heads, self.split = heads, split
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        # As layers.Attention.recorded: a list (vitscale.analysis) takes the explicit path and
+        # collects (windows * B, heads, n, n) probabilities; None keeps the fused kernel.
+        self.recorded: list[torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
@@ -229,7 +232,15 @@ class WindowAttention(nn.Module):
         qkv = self.qkv(win).reshape(-1, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
         if mask is not None:
             mask = mask.repeat(b, 1, 1, 1)
-        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask)
+        if self.recorded is None:
+            out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask)
+        else:
+            scores = qkv[0] @ qkv[1].transpose(-2, -1) * (c // self.heads) ** -0.5
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            attn = scores.softmax(dim=-1)
+            self.recorded.append(attn.detach())
+            out = attn @ qkv[2]
         out = self.proj(out.transpose(1, 2).reshape(-1, n, c))
         out = out.reshape(b, nh, nw, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b, nh * wh, nw * ww, c)
         return out[:, :h, :w]

@@ -76,6 +76,9 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
+        # A list while vitscale.analysis.record_attention is on: the explicit softmax(QK^T) path
+        # runs and appends its probabilities; None (training, inference) keeps the fused kernel.
+        self.recorded: list[torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -85,7 +88,12 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         drop = self.attn_drop if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        if self.recorded is None:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        else:
+            attn = (q @ k.transpose(-2, -1) * self.head_dim**-0.5).softmax(dim=-1)
+            self.recorded.append(attn.detach())
+            x = F.dropout(attn, drop) @ v
         x = x.transpose(1, 2).reshape(b, n, -1)
         return self.proj_drop(self.proj(x))
 
@@ -122,7 +130,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fusable and not self.window and not self.training and not torch.is_grad_enabled() \
-                and x.is_cpu and not torch.is_autocast_enabled() and x.dtype == self.norm1.weight.dtype:
+                and x.is_cpu and not torch.is_autocast_enabled() and x.dtype == self.norm1.weight.dtype \
+                and self.attn.recorded is None:
             return self._fused_forward(x)
         x = x + self.drop_path1(attend(self, self.norm1(x)))
         return x + self.drop_path2(self.mlp(self.norm2(x)))

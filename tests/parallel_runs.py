@@ -96,8 +96,16 @@ def with_teacher(name: str, folder: Path) -> list[str]:
     return settings(name) + extra
 
 
+# Masked patch prediction under plain DDP (torchrun, no parallel.*): each process takes its
+# slice of the global batch's masks, so the run follows the one-process run (the 2-process
+# launch trains it after its refusals, into OUT/ddp-mpp).
+PRETRAIN_DDP = BASE + ["objective=mpp", "model.overrides.pool=gap",
+                       "model.overrides.posemb=sincos2d", "optim.name=adamw", "optim.lr=0.001",
+                       "optim.eps=1e-6", "steps=6", "eval_every=6", "ckpt_every=6"]
+
 # Settings a sharded run refuses, each with the words its one-line error must contain.
 REFUSED = {
+    "pretrain": (["objective=mpp", "parallel.dp_shard=2"], "not supported with parallel.dp_shard"),
     "heads": (["model.overrides.heads=3", "model.overrides.width=48", "parallel.tp=2"], "heads"),
     "tokens": (["model.overrides.pool=token", "parallel.tp=2", "parallel.sequence_parallel=true"],
                "17 tokens"),
@@ -205,6 +213,7 @@ def main(out: str, launch: str, read: str | None = None) -> None:
                 + [f"out_dir={Path(out) / layout / name}"])
     if launch == "two":
         refusals(Path(out) / "refused")
+        run(None, PRETRAIN_DDP + [f"out_dir={Path(out) / 'ddp-mpp'}"])
         resume_on_two(Path(read).joinpath(*MESH_SOURCE[1:]), Path(out) / "mesh-on-2")
     dist.destroy_process_group()
 

@@ -23,6 +23,7 @@ from parallel_runs import (
     EXTRA,
     LAUNCHES,
     MESH_SOURCE,
+    PRETRAIN_DDP,
     REFUSED,
     reference,
     runs,
@@ -218,6 +219,22 @@ def test_sharded_checkpoint_resumes_on_other_meshes(tmp_path, launched):
         for key in theirs:
             torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0,
                                        msg=f"{nproc} {key}")
+
+
+def test_torchrun_masked_patch_prediction_follows_one_process(launched, tmp_path):
+    # DDP with 2 processes: each draws the one-process run's masks for its half of every global
+    # batch, and the head side the encoder does not use (GAP norm) gets no gradient in either.
+    out, _ = launched("two")
+    run(None, PRETRAIN_DDP + [f"out_dir={tmp_path / 'mpp'}"])
+    want, have = losses(tmp_path / "mpp"), losses(out / "ddp-mpp")
+    assert len(have) == len(want) == 6
+    torch.testing.assert_close(torch.tensor(have), torch.tensor(want), atol=1e-5, rtol=0)
+    theirs, ours = weights(tmp_path / "mpp"), weights(out / "ddp-mpp")
+    for key, value in theirs.items():
+        torch.testing.assert_close(ours[key], value, atol=1e-5, rtol=0, msg=key)
+    state = json.loads((out / "ddp-mpp" / "checkpoints" / "step-000000006" / "state.json")
+                       .read_text())
+    assert len(state["rng_per_process"]) == 2
 
 
 # ------------------------------------------------------------------ settings refused

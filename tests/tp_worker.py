@@ -322,3 +322,9 @@ def main(rank: int, world: int, init: str, out: str, which: str, timeout: float 
     faulthandler.dump_traceback_later(timeout, exit=True)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     {"tp2": tp2}[which](rank, world, init, out)
+    # Checked and written: leave without the interpreter's teardown, where a torch-internal
+    # thread still joinable at exit aborted about 1 run in 3 here ("terminate called without an
+    # active exception", SIGABRT) after every check had passed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

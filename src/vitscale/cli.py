@@ -117,6 +117,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return _report_run(run(args.config, overrides, resume=args.resume))
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from vitscale.train import run
+
+    overrides = [f"objective={args.objective}", *args.overrides]
+    return _report_run(run(args.config, overrides, resume=args.resume))
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from vitscale.scaling.sweep import parse_center, run_sweep, sweep_points
 
@@ -218,9 +225,24 @@ def _shape_of(model: str) -> dict[str, float]:
 
 
 def _report_run(result) -> int:
+    from vitscale.config import PRETRAINING_OBJECTIVES
+
     if not result.is_main:  # data-parallel: rank 0 reports
         return 0
     print(f"run directory: {result.run_dir} ({result.step} steps, {result.wall_s:.0f} s)")
+    if result.objective in PRETRAINING_OBJECTIVES:  # no classifier: the objective's own numbers
+        loss = result.metrics.get("test/loss")
+        if loss is not None:
+            print(f"test {result.objective} loss: {loss:.4f}")
+        else:
+            print(f"no test split: the {result.objective} loss on minival is in "
+                  f"{result.run_dir / 'metrics.jsonl'}")
+        acc = result.metrics.get("test/accuracy")
+        if acc is not None:
+            print(f"test {result.objective} accuracy (masked patches' targets): {acc:.4f}")
+        print(f"encoder: {result.run_dir / 'model'} (vitscale finetune / fewshot / linear-probe, "
+              "model.init)")
+        return 0
     ema_acc = result.metrics.get("ema/test/accuracy")
     if ema_acc is not None:
         print(f"test accuracy (EMA weights): {ema_acc:.4f}")
@@ -662,6 +684,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dotted overrides, e.g. distill.temperature=2 distill.mode=token")
     p.add_argument("--resume", help="a checkpoint folder to resume from")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("pretrain", help="self-supervised pre-training without labels: masked "
+                       "patch prediction (ViT paper) or MAE",
+                       description="The trainer of `vitscale train` (run directory, resume, "
+                       "metrics, torchrun) with objective=mpp or mae: labels are never read, so a "
+                       "flat folder of images works (imagefolder:PATH). mpp.* / mae.* settings: "
+                       "corruption rate and split, target, mask ratio, decoder. The run's model/ "
+                       "is an encoder that finetune, fewshot, linear-probe and model.init read.")
+    p.add_argument("--objective", choices=("mpp", "mae"), default="mpp")
+    p.add_argument("--config", help="the encoder's training config (YAML)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted overrides, e.g. mpp.target=patch4x4_3bit mae.mask_ratio=0.6")
+    p.add_argument("--resume", help="a checkpoint folder to resume from")
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("sweep", help="one training run per grid (or SoViT star) point, resumable",
                        description="Train every point of a grid of config overrides into "

@@ -132,6 +132,9 @@ class DataConfig:
     crop_scale_min: float = setting(0.05, gt=0, le=1)  # inception crop area lower bound
     flip: bool | None = None  # horizontal flips; None: on, except for glyph sources (digits, MNIST)
     max_skip_fraction: float = setting(0.01, ge=0, le=1)  # fail when more unreadable images are skipped
+    # Train on a fixed, stratified fraction of the train split (after minival is held out), e.g.
+    # 0.1: fine-tuning with 10% of the labels. The subset depends on the data only, not the seed.
+    train_fraction: float = setting(1.0, gt=0, le=1)
 
 
 @dataclass
@@ -264,6 +267,38 @@ class DistillConfig:
 
 
 @dataclass
+class MPPConfig:
+    """The ViT paper's masked patch prediction (`objective: mpp`; vitscale.objectives.mpp):
+    `corrupt_rate` of the patch embeddings are selected; of those `mask_fraction` become a learned
+    [mask] embedding, `random_fraction` another patch's embedding of the same image, the rest stay;
+    a linear head predicts each selected patch's target from its output token."""
+
+    corrupt_rate: float = setting(0.5, gt=0, lt=1)
+    mask_fraction: float = setting(0.8, ge=0, le=1)
+    random_fraction: float = setting(0.1, ge=0, le=1)
+    # mean3bit: the patch's mean colour, 3 bits per channel (one 512-way class); patch4x4_3bit:
+    # the patch downsized to 4x4, each pixel's colour a 512-way class (16 outputs); l2: the
+    # patch's pixels regressed (mean squared error).
+    target: Literal["mean3bit", "patch4x4_3bit", "l2"] = "mean3bit"
+
+
+@dataclass
+class MAEConfig:
+    """Masked autoencoding (He et al.; `objective: mae`, vitscale.objectives.mae): the encoder
+    runs on the visible patches only, a light decoder reconstructs the hidden ones' pixels."""
+
+    mask_ratio: float = setting(0.75, gt=0, lt=1)
+    decoder_width: int = setting(512, ge=1)
+    decoder_depth: int = setting(8, ge=1)
+    decoder_heads: int = setting(16, ge=1)
+    decoder_mlp_ratio: float = setting(4.0, gt=0)
+    norm_pix_loss: bool = True  # the target: each patch's pixels normalised by its own mean / std
+
+
+PRETRAINING_OBJECTIVES = ("mpp", "mae")  # label-free: the data's labels are never read
+
+
+@dataclass
 class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
@@ -271,9 +306,12 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     evals: EvalsConfig = field(default_factory=EvalsConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    # What a step optimises (vitscale.objectives): the labels, or frozen teachers (`distill`).
-    objective: Literal["supervised", "distill"] = "supervised"
+    # What a step optimises (vitscale.objectives): the labels, frozen teachers (`distill`), or no
+    # labels at all: masked patch prediction (`mpp`) or masked autoencoding (`mae`).
+    objective: Literal["supervised", "distill", "mpp", "mae"] = "supervised"
     distill: DistillConfig = field(default_factory=DistillConfig)
+    mpp: MPPConfig = field(default_factory=MPPConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
     seed: int = setting(0, ge=0)
     epochs: float = 10.0  # > 0 unless steps is set
     steps: int | None = setting(None, ge=1)  # overrides epochs when set
@@ -547,6 +585,7 @@ def validate_TrainConfig(cfg: TrainConfig) -> None:  # noqa: N802 - looked up by
             raise ConfigError(f"{key}={_get(cfg, key)!r} {message}")
     _validate_retokenize(cfg.retokenize)
     _validate_distill(cfg)
+    _validate_pretraining(cfg)
     # The model must be buildable at the data resolution (e.g. img_size divisible by patch).
     # With model.init the checkpoint's own config decides, checked when it is loaded.
     if cfg.model.init:
@@ -580,6 +619,37 @@ def _validate_distill(cfg: TrainConfig) -> None:
                 raise ConfigError(f"distill.mode=token needs a class-token student (DeiT), but "
                                   f"model pool is {pool!r}; set model.overrides.pool=token")
         cfg.model.overrides["dist_token"] = True
+
+
+def _validate_pretraining(cfg: TrainConfig) -> None:
+    """mpp / mae: a plain patch ViT encoder, no label mixing, a valid corruption split."""
+    if cfg.objective not in PRETRAINING_OBJECTIVES:
+        return
+    name = cfg.objective
+    if cfg.mpp.mask_fraction + cfg.mpp.random_fraction > 1 + 1e-9:
+        raise ConfigError(f"mpp.mask_fraction + mpp.random_fraction = "
+                          f"{cfg.mpp.mask_fraction + cfg.mpp.random_fraction:g} must be <= 1 (the "
+                          "rest of the selected patches stay unchanged); e.g. 0.8 and 0.1")
+    from vitscale.data.transforms import resolve_augment
+
+    aug = resolve_augment(cfg.data)
+    if aug.mixup_alpha > 0 or aug.cutmix_alpha > 0:
+        raise ConfigError(f"objective={name} reads no labels, so Mixup / CutMix do not apply (data."
+                          f"augment={cfg.data.augment} gives mixup_alpha={aug.mixup_alpha:g}); set "
+                          "data.mixup_alpha=0 and data.cutmix_alpha=0")
+    if cfg.distill.teachers:
+        raise ConfigError(f"objective={name} trains without teachers; drop distill.teachers or "
+                          "use objective=distill")
+    if cfg.retokenize:
+        raise ConfigError(f"objective={name} needs a ViT encoder; retokenize is As-ViT's")
+    if cfg.model.init:
+        return  # the checkpoint's model is checked when it is loaded (objectives.pretrain)
+    from vitscale.models.registry import is_asvit
+
+    if is_asvit(cfg.model.name):
+        raise ConfigError(f"objective={name} needs a ViT with a patch embedding; As-ViT's "
+                          "overlapping tokenizer and token merging have no per-patch tokens to "
+                          "mask; use a ViT (model.name=S/16, Ti/4, ...)")
 
 
 def _validate_retokenize(phases: list[list[float]]) -> None:

@@ -196,6 +196,7 @@ class Data:
         self.test = splits.test
         self.class_names = list(splits.classes)
         self.num_classes = len(self.class_names)
+        self.labelled = self.num_classes > 0  # False: a flat image folder (label-free objectives)
         self.augment: AugmentSettings = resolve_augment(cfg)
         self.mixup_alpha = self.augment.mixup_alpha
         self.cutmix_alpha = self.augment.cutmix_alpha
@@ -322,6 +323,10 @@ def build_data(cfg: DataConfig, seed: int = 0) -> Data:
                             "fix the labels or use a labelled split (hf: ?test=SPLIT)")
     rest, held = split_minival(len(base), cfg.minival_fraction, base.labels)
     train = View(base, rest) if held else base
+    if cfg.train_fraction < 1:  # a fixed stratified subset, e.g. 10% of the labels
+        labels = train.labels
+        _, subset = split_minival(len(train), cfg.train_fraction, labels)
+        train = View(train, subset)
     minival = View(base, held) if held else None
     side = _first_image_side(base)
     if side is None and len(base) <= _PEEK_LIMIT:

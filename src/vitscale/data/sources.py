@@ -13,6 +13,8 @@
                               the test split; otherwise PATH is the train split and there is no test
                               split. Files without an image extension (.jpg .jpeg .png .bmp .gif
                               .webp .tif .tiff .ppm .pgm) are ignored; hidden folders too.
+                              A flat folder (images, no class folders) is unlabelled: no classes,
+                              every label UNLABELLED; only objective=mpp / mae train on it.
     webdataset:TRAIN[;TEST]   tar shards in WebDataset layout: members KEY.jpg|jpeg|png (or
                               .webp/.bmp) and KEY.cls (the label as decimal text), where KEY is the
                               member path up to the first dot of its file name. Brace patterns
@@ -162,9 +164,10 @@ class ArraySource(Source):
 
 
 class FileSource(Source):
-    """Image files on disk with their labels."""
+    """Image files on disk with their labels; `labels=None` (and no classes): unlabelled images,
+    each item's label UNLABELLED."""
 
-    def __init__(self, files: list[str], labels: list[int], classes: list[str]):
+    def __init__(self, files: list[str], labels: list[int] | None, classes: list[str]):
         self.files = files
         self.labels = labels
         self.classes = classes
@@ -173,7 +176,7 @@ class FileSource(Source):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, int]:
-        return decode_image(self.files[i]), self.labels[i]
+        return decode_image(self.files[i]), self.labels[i] if self.labels is not None else UNLABELLED
 
     def key(self, i: int) -> str:
         return self.files[i]
@@ -266,10 +269,24 @@ def _images_under(folder: Path) -> list[str]:
     return found
 
 
+def _loose_images(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and p.name.lower().endswith(IMAGE_EXTENSIONS))
+
+
 def _folder_split(folder: Path, classes: list[str] | None) -> FileSource:
     dirs = _class_dirs(folder)
+    if classes == []:  # the train split was a flat folder: so is this one
+        if dirs or not _loose_images(folder):
+            raise DataError(f"{folder} must be a flat folder of images like the train split (no "
+                            "class folders); use the same layout in every split")
+        return FileSource(_loose_images(folder), None, [])
     if not dirs:
-        raise DataError(f"no class folders in {folder}; expected {folder}/<class name>/<image files>")
+        loose = _loose_images(folder)
+        if loose and classes is None:  # a flat folder: unlabelled images (mpp / mae pre-training)
+            return FileSource(loose, None, [])
+        raise DataError(f"no class folders in {folder}; expected {folder}/<class name>/<image files>"
+                        " (or a flat folder of images, for objective=mpp / mae)")
     names = [d.name for d in dirs]
     if classes is None:
         classes = names
@@ -288,6 +305,10 @@ def _folder_split(folder: Path, classes: list[str] | None) -> FileSource:
         files += found
         labels += [index[d.name]] * len(found)
     return FileSource(files, labels, classes)
+
+
+# The label of an image from an unlabelled source (a flat imagefolder): never a class index.
+UNLABELLED = -1
 
 
 def imagefolder_source(path: str) -> Splits:
@@ -662,7 +683,8 @@ def split_minival(n: int, fraction: float, labels: list[int] | None) -> tuple[li
 
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "ArraySource", "FileSource", "HFSource", "Source", "Splits", "TorchvisionSource",
+    "IMAGE_EXTENSIONS", "UNLABELLED", "ArraySource", "FileSource", "HFSource", "Source", "Splits",
+    "TorchvisionSource",
     "UnreadableImage", "View", "WebDatasetIndex", "decode_image", "digits_source",
     "expand_braces", "hf_source", "imagefolder_source", "load_source",
     "resolve_shards", "split_minival", "split_key", "to_rgb", "torchvision_source", "webdataset_source",

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vitscale.config import DataConfig
+from vitscale.config import PRETRAINING_OBJECTIVES, DataConfig
 from vitscale.errors import CheckpointError, DataError
 from vitscale.eval.classify import classification_metrics, reliability_diagram
 from vitscale.eval.features import FeatureCache, Features, extract
@@ -28,8 +28,34 @@ def resolve_checkpoint(path: str | Path) -> str:
         return text
     p = Path(path)
     if p.is_dir() and not (p / "config.json").exists() and (p / "model" / "config.json").is_file():
+        _note_pretraining(p)
         return str(p / "model")
     return text
+
+
+_NOTED: set[str] = set()
+
+
+def _note_pretraining(run_dir: Path) -> None:
+    """One line, once per run and process, when a pre-training run's encoder is read: its
+    objective's own parameters (mask embedding, prediction head, decoder) are not part of it."""
+    import sys
+
+    import yaml
+
+    key = str(run_dir.resolve())
+    config = run_dir / "config.yaml"
+    if key in _NOTED or not config.is_file():
+        return
+    try:
+        objective = (yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("objective")
+    except (yaml.YAMLError, OSError, AttributeError):
+        return
+    if objective in PRETRAINING_OBJECTIVES:
+        _NOTED.add(key)
+        print(f"vitscale: note: {run_dir} was pre-trained with objective={objective}; its encoder "
+              f"({run_dir / 'model'}) is used, the {objective} mask embedding / head / decoder are "
+              "dropped", file=sys.stderr)
 
 
 def load_model(checkpoint: str | Path, img_size: int | None = None, patch: int | None = None,

@@ -195,8 +195,14 @@ class VisionTransformer(nn.Module):
                   if t is not None]
         return torch.cat([*prefix, x], dim=1) if prefix else x
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens after the encoder and its final LayerNorm: (B, prefix + N, D)."""
+    def forward_features(self, x: torch.Tensor, patch_hook=None,
+                         keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens after the encoder and its final LayerNorm: (B, prefix + N, D).
+
+        For masked pre-training (vitscale.objectives): `patch_hook(patch_embeddings) ->
+        patch_embeddings` edits the (B, N, D) patch embeddings before position embeddings are
+        added (masked patch prediction); `keep` (B, K) indices of the patches the encoder sees,
+        chosen after position embeddings are added (MAE): (B, prefix + K, D) out."""
         if x.ndim != 4 or x.shape[1] != self.cfg.in_chans:
             raise ConfigError(
                 f"expected images of shape (B, {self.cfg.in_chans}, H, W), got {tuple(x.shape)}"
@@ -207,8 +213,17 @@ class VisionTransformer(nn.Module):
             for block in self.blocks:
                 block.grid = grid
         x = self.patch_embed(x)
-        x = self.pos_drop(self._pos_embed(x, grid))
-        x = self.blocks(x)
+        if patch_hook is not None:
+            x = patch_hook(x)
+        x = self._pos_embed(x, grid)
+        if keep is not None:
+            if self.cfg.window_size:
+                raise ConfigError("keep= (a subset of the patches) needs global attention; window "
+                                  "attention (window_size > 0) partitions the full patch grid")
+            p = self.num_prefix_tokens
+            index = keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+            x = torch.cat([x[:, :p], torch.gather(x[:, p:], 1, index)], dim=1)
+        x = self.blocks(self.pos_drop(x))
         return self.norm(x)
 
     def pad_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -247,12 +262,17 @@ class VisionTransformer(nn.Module):
     def forward_head(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.head(pooled)
 
-    def forward(self, x: torch.Tensor, outputs: str = "logits"):
+    def forward(self, x: torch.Tensor, outputs: str = "logits", patch_hook=None,
+                keep: torch.Tensor | None = None):
         """`outputs`: "logits"; "pooled": (logits, the pre-logits representation); "heads": (the
-        class head's logits, the distillation head's), for a model with a distillation token."""
-        if outputs not in ("logits", "pooled", "heads"):
-            raise ValueError(f"outputs={outputs!r}; use 'logits', 'pooled' or 'heads'")
-        tokens = self.forward_features(x)
+        class head's logits, the distillation head's), for a model with a distillation token;
+        "tokens": `forward_features` (with its `patch_hook` / `keep`), through this call so that
+        DDP / FSDP wrappers see the forward pass."""
+        if outputs not in ("logits", "pooled", "heads", "tokens"):
+            raise ValueError(f"outputs={outputs!r}; use 'logits', 'pooled', 'heads' or 'tokens'")
+        tokens = self.forward_features(x, patch_hook, keep)
+        if outputs == "tokens":
+            return tokens
         pooled = self.pre_logits(self.pool(tokens))
         logits = self.head(pooled)
         if outputs == "pooled":

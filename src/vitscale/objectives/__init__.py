@@ -1,10 +1,12 @@
 """Training objectives: what one step of `vitscale.train` optimises, plugged into its one loop.
 
-    objective = build_objective(cfg, student, ...)    # cfg.objective: supervised | distill
-    prepared = objective.prepare(images, targets, clean, lam)     # whole batch, or None
-    loss, logits = objective.loss(model, images, targets, prepared_chunk)
+    objective = build_objective(cfg, student, ...)  # cfg.objective: supervised | distill | mpp | mae
+    prepared = objective.prepare(images, targets, clean, lam, step)   # whole batch, or None
+    loss, correct, counted = objective.loss(model, images, targets, prepared_chunk)
     objective.trainable()         # extra trained parameters (checkpointed as objective.*), or None
+    objective.evaluate(...)       # its own evaluation of a split (mpp / mae), or None
     objective.observer(split)     # evaluation-batch callback with extra metrics, or None
+    objective.uses_labels         # False: labels are neither read nor mixed (mpp, mae)
 
 The trainer keeps batching, mixing, accumulation, clipping, EMA, checkpoints and logging.
 """
@@ -23,6 +25,8 @@ from vitscale.objectives.distill import (
     kl_distill,
     load_teachers,
 )
+from vitscale.objectives.mae import MaskedAutoencoder
+from vitscale.objectives.mpp import MaskedPatchPrediction
 from vitscale.objectives.supervised import Objective, loss_fn
 
 
@@ -31,6 +35,20 @@ def build_objective(cfg: TrainConfig, student: torch.nn.Module, num_classes: int
     """The objective `cfg.objective` names, its teachers (if any) loaded on `device`."""
     if cfg.objective == "supervised":
         return Objective(cfg.loss, cfg.label_smoothing)
+    if cfg.objective in ("mpp", "mae"):
+        if layout is not None and layout.sharded:
+            raise ConfigError(f"objective={cfg.objective} is not supported with parallel.dp_shard "
+                              "/ tp yet (its mask embedding and head are not sharded); pre-train "
+                              "with data parallelism (torchrun, dp_shard=tp=1)")
+        from vitscale.train.distributed import World
+
+        dp = World(rank=layout.dp_rank(world.rank), size=layout.replicas) \
+            if layout is not None and world is not None else World()
+        masks = dict(seed=cfg.seed, batch_size=cfg.data.batch_size,
+                     shard=dp.shard(cfg.data.batch_size), rank=dp.rank)
+        if cfg.objective == "mpp":
+            return MaskedPatchPrediction(cfg.mpp, student, **masks)
+        return MaskedAutoencoder(cfg.mae, student, **masks)
     teachers = load_teachers(cfg.distill, num_classes=num_classes, img_size=cfg.data.img_size,
                              device=device, layout=layout, mesh=mesh, parallel=cfg.parallel,
                              world=world)
@@ -44,5 +62,5 @@ def build_objective(cfg: TrainConfig, student: torch.nn.Module, num_classes: int
     return objective
 
 
-__all__ = ["Distill", "DistillError", "Objective", "Teachers", "build_objective", "hard_distill",
-           "kl_distill", "load_teachers", "loss_fn"]
+__all__ = ["Distill", "DistillError", "MaskedAutoencoder", "MaskedPatchPrediction", "Objective",
+           "Teachers", "build_objective", "hard_distill", "kl_distill", "load_teachers", "loss_fn"]

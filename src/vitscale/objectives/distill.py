@@ -193,7 +193,7 @@ class Distill(Objective):
             return self.teachers.features(images)
         return self.teachers.probs(images, self.cfg.temperature)
 
-    def prepare(self, images, targets, clean, lam):
+    def prepare(self, images, targets, clean, lam, step):
         if self.cfg.consistent:
             return None
         return mix_like(self._teacher_targets(clean), lam)  # precomputed-style targets
@@ -208,7 +208,7 @@ class Distill(Objective):
             else:
                 kd = kl_distill(dist_logits, teacher, cfg.temperature, cfg.kl_reduction)
             loss = (1 - cfg.alpha) * self.label_loss(cls_logits, targets) + cfg.alpha * kd
-            return loss, (cls_logits + dist_logits) / 2
+            return loss, *self.hits((cls_logits + dist_logits) / 2, targets)
         if cfg.mode == "features":
             logits, pooled = model(images, outputs="pooled")
             if self.projection is not None:
@@ -220,7 +220,7 @@ class Distill(Objective):
         loss = (1 - self.label_weight) * kd
         if self.label_weight:
             loss = loss + self.label_weight * self.label_loss(logits, targets)
-        return loss, logits
+        return loss, *self.hits(logits, targets)
 
     def observer(self, split: str) -> _Agreement | None:
         if not self.comparable:

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from vitscale.config import TrainConfig, dump_config, load_config
-from vitscale.errors import CheckpointError, UserError
+from vitscale.config import PRETRAINING_OBJECTIVES, TrainConfig, dump_config, load_config
+from vitscale.errors import CheckpointError, ConfigError, DataError, UserError
 from vitscale.objectives.supervised import loss_fn
 from vitscale.train import distributed
 from vitscale.train.checkpoint import (
@@ -51,6 +51,7 @@ class RunResult:
     metrics: dict[str, float] = field(default_factory=dict)
     wall_s: float = 0.0  # this process's time in fit(), evaluation and saving included
     is_main: bool = True  # False in the other processes of a data-parallel run
+    objective: str = "supervised"  # what test/loss and test/accuracy measure (cfg.objective)
 
 
 # ---------------------------------------------------------------------------------- pieces
@@ -79,13 +80,19 @@ def restore_determinism(previous: tuple[bool, bool]) -> None:
 
 
 def build_model(cfg: TrainConfig, num_classes: int):
+    """The model to train: built from `cfg.model`, or loaded from `model.init` (a run directory
+    stands for its final weights). A label-free objective trains an encoder without a head."""
+    from vitscale.eval.api import resolve_checkpoint
     from vitscale.models import load
     from vitscale.models.registry import build
 
+    if cfg.objective in PRETRAINING_OBJECTIVES:
+        num_classes = 0
     if cfg.model.init:
         overrides = dict(cfg.model.overrides)
         overrides.update(img_size=cfg.data.img_size, num_classes=num_classes)
-        return load(cfg.model.init, reset_head=cfg.model.reset_head or None, **overrides)
+        return load(resolve_checkpoint(cfg.model.init), reset_head=cfg.model.reset_head or None,
+                    **overrides)
     return build(cfg.model.build_config(num_classes, cfg.data.img_size))
 
 
@@ -207,6 +214,7 @@ class Trainer:
         self.mesh = build_mesh(self.layout, self.device) if self.layout.sharded else None
         torch.manual_seed(cfg.seed)  # the same initial weights in every process
         self.data = build_data(cfg.data, cfg.seed)
+        self._check_labels()
         self.model, self.ema = self._build_models()
         self.objective, self.extras = self._build_objective()
         self.optimizer = build_optimizer(self.model, cfg.optim, extra=self.extras)
@@ -214,7 +222,10 @@ class Trainer:
         if self.world.distributed and not self.layout.sharded:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.train_model = DistributedDataParallel(self.model)
+            # A pre-training objective leaves the head side (pooling, classifier) without
+            # gradients, which DDP must be told to expect.
+            self.train_model = DistributedDataParallel(
+                self.model, find_unused_parameters=not self.objective.uses_whole_model)
         self.dp_rank = self.layout.dp_rank(self.world.rank)
         if self.world.distributed:
             # Dropout / drop-path masks differ between data-parallel ranks, as between examples;
@@ -233,6 +244,20 @@ class Trainer:
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+
+    def _check_labels(self) -> None:
+        """Unlabelled data (a flat image folder) trains only the label-free objectives."""
+        cfg = self.cfg
+        if self.data.labelled:
+            return
+        if cfg.objective not in PRETRAINING_OBJECTIVES:
+            raise DataError(f"data.source={cfg.data.source} has no labels (a flat folder of "
+                            f"images), which objective={cfg.objective} needs; give class "
+                            "sub-folders (PATH/<class>/<image>) or pre-train with objective=mpp / mae")
+        if cfg.evals.fewshot.every and not cfg.evals.fewshot.source:
+            raise ConfigError(f"evals.fewshot needs labelled images but data.source="
+                              f"{cfg.data.source} has none; set evals.fewshot.source to a labelled "
+                              "source (e.g. imagefolder:PATH of class folders)")
 
     def _build_models(self) -> tuple[torch.nn.Module, EMA | None]:
         """(the model to train, its EMA or None), parallelized as cfg.parallel says.
@@ -325,7 +350,7 @@ class Trainer:
             if cfg.retokenize:
                 raise UserError("retokenize needs an As-ViT model (model.name=asvit-...); a "
                                 "ViT's patch embedding has no stride/dilation schedule")
-            return [(0, 0, 0, count(model.cfg).flops)]
+            return [(0, 0, 0, self.objective.forward_flops(model, count(model.cfg).flops))]
         if not cfg.retokenize:
             return [(0, *default, flops(default[0]))]
         return [(int(round(start * self.total)), int(stride), int(dilation), flops(int(stride)))
@@ -353,29 +378,33 @@ class Trainer:
                 model.set_tokenizer(stride, dilation)
 
     # ------------------------------------------------------------------ one optimizer step
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor,
-                    clean: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         """One optimizer step on this process's share of the global batch: (its mean loss,
-        its examples whose top logit is the dominant target class), both 0-d tensors left on the
-        device (summed over processes on log steps only), or None when the loss or gradient is
+        its correct predictions (0-d tensors left on the device, summed over processes on log
+        steps only), how many predictions were counted), or None when the loss or gradient is
         not finite. The one host synchronisation per step is that verdict. `clean`: the same
         examples un-augmented, for an objective that asks for them (a fixed teacher)."""
         from vitscale.data.mixing import mix_batch
 
         cfg = self.cfg
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
-        x, targets, lam = mix_batch(x, y, self.data.num_classes, gen, self.data.mixup_alpha,
-                                    cfg.data.cutmix_alpha, with_lam=True)
+        if self.objective.uses_labels:
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+            x, targets, lam = mix_batch(x, y, self.data.num_classes, gen, self.data.mixup_alpha,
+                                        cfg.data.cutmix_alpha, with_lam=True)
+        else:  # mpp / mae: the labels (if any) are not read
+            targets, lam = y, 1.0
         x = x.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
         if clean is not None:
             clean = clean.to(self.device, non_blocking=True)
-        prepared = self.objective.prepare(x, targets, clean, lam)
+        prepared = self.objective.prepare(x, targets, clean, lam, self.step)
         model = self.train_model
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total_loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.long, device=self.device)
+        counted = 0
         parts = prepared.chunk(cfg.accum_steps) if prepared is not None else [None] * cfg.accum_steps
         chunks = list(zip(x.chunk(cfg.accum_steps), targets.chunk(cfg.accum_steps), parts))
         for i, (xs, ts, ps) in enumerate(chunks):
@@ -383,11 +412,13 @@ class Trainer:
             with self._gradient_sync(i == len(chunks) - 1):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16,
                                     enabled=cfg.precision == "bf16"):
-                    loss, logits = self.objective.loss(model, xs, ts, ps)
+                    loss, hits, count = self.objective.loss(model, xs, ts, ps)
                 loss = loss / cfg.accum_steps
                 loss.backward()
             total_loss += loss.detach()
-            correct += (logits.argmax(-1) == ts.argmax(-1)).sum()
+            if hits is not None:
+                correct += hits
+                counted += int(count)
         self._reduce_extra_grads()
         norm = self._grad_norm()
         # With several processes the verdict is the global gradient norm's (the same number in
@@ -400,7 +431,7 @@ class Trainer:
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update(self.model, self.step if cfg.ema_warmup else None)
-        return total_loss, correct
+        return total_loss, correct, counted
 
     def _gradient_sync(self, sync: bool):
         """Reduce gradients across processes in this backward pass or not (accumulation)."""
@@ -447,7 +478,7 @@ class Trainer:
         eval_every = cfg.eval_every or per_epoch
         ckpt_every = cfg.ckpt_every or per_epoch
         progress = _Progress(cfg.progress and main, self.total, self.step)
-        window_start, window_images, window_correct = time.perf_counter(), 0, 0
+        window_start, window_images, window_correct, window_counted = time.perf_counter(), 0, 0, 0
         last: dict[str, Any] = {}
         minival: dict[str, Any] = {}  # the last minival evaluation (of the final weights at the end)
         try:
@@ -467,6 +498,7 @@ class Trainer:
                 loss = outcome[0] if outcome is not None else None
                 if outcome is not None:
                     window_correct = window_correct + outcome[1]
+                    window_counted += outcome[2]
                 else:
                     if cfg.on_nonfinite == "stop":
                         raise TrainingError(
@@ -485,19 +517,21 @@ class Trainer:
                 done = self.step
                 if done % cfg.log_every == 0 or done == self.total:
                     # The only cross-process reduction of the training metrics: on log steps.
-                    step_loss, correct = all_sum([loss if loss is not None else math.nan,
-                                                  window_correct], self.world, self.device)
+                    step_loss, correct, counted = all_sum(
+                        [loss if loss is not None else math.nan, window_correct, window_counted],
+                        self.world, self.device)
                     now = time.perf_counter()
                     last = dict(step=done, epoch=round(done / per_epoch, 4),
                                 images_seen=done * cfg.data.batch_size, lr=lr,
-                                loss=step_loss / self.world.size,
-                                accuracy=correct / self.layout.tp / max(window_images, 1),
-                                images_per_s=window_images / max(now - window_start, 1e-9),
+                                loss=step_loss / self.world.size)
+                    if counted:  # a tensor-parallel group's duplicate counts cancel out
+                        last["accuracy"] = correct / counted
+                    last.update(images_per_s=window_images / max(now - window_start, 1e-9),
                                 skipped_steps=self.skipped_steps,
                                 skipped_images=self.data.skipped)
                     last.update(self._flops_record(done))
                     _write(log, last)
-                    window_start, window_images, window_correct = now, 0, 0
+                    window_start, window_images, window_correct, window_counted = now, 0, 0, 0
                 progress.update(done, last)
                 if done % eval_every == 0 or done == self.total:
                     record = minival = self._evaluate("minival", done)
@@ -529,7 +563,8 @@ class Trainer:
                       "gradient)")
         distributed.barrier(self.world)
         result = {k: v for k, v in final.items() if isinstance(v, (int, float))}
-        return RunResult(self.run_dir, self.step, result, time.perf_counter() - started, main)
+        return RunResult(self.run_dir, self.step, result, time.perf_counter() - started, main,
+                         cfg.objective)
 
     def _save_final(self) -> None:
         """model/ (and model_ema/): consolidated safetensors folders that models.load reads;
@@ -569,12 +604,17 @@ class Trainer:
         for prefix, model in (("", self.model), ("ema/", self.ema.module if self.ema else None)):
             if model is None:
                 continue
-            observer = self.objective.observer(split) if not prefix else None
-            metrics = evaluate(model, loader, self.device, self.cfg.precision, self.world,
-                               self.cfg.loss, copies=self.layout.tp, lockstep=lockstep,
-                               observe=observer)
-            record[f"{prefix}{split}/accuracy"] = metrics["accuracy"]
-            record[f"{prefix}{split}/loss"] = metrics["loss"]
+            metrics = self.objective.evaluate(model, loader, self.device, self.cfg.precision,
+                                              self.world, copies=self.layout.tp)
+            observer = None
+            if metrics is None:  # the classification evaluator
+                observer = self.objective.observer(split) if not prefix else None
+                metrics = evaluate(model, loader, self.device, self.cfg.precision, self.world,
+                                   self.cfg.loss, copies=self.layout.tp, lockstep=lockstep,
+                                   observe=observer)
+            for key in ("accuracy", "loss"):
+                if key in metrics:
+                    record[f"{prefix}{split}/{key}"] = metrics[key]
             if observer is not None:
                 record.update(observer.metrics(self.world, self.device, self.layout.tp))
         self._after_forward_only()

@@ -55,11 +55,6 @@ def color_classes(images: torch.Tensor, patch: tuple[int, int], side: int, bits:
     return classes.reshape(b, (h // ph) * (w // pw), side * side)
 
 
-def encoder_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The VisionTransformer under a DDP / compile wrapper."""
-    return getattr(model, "module", model)
-
-
 def check_patch_encoder(model: torch.nn.Module, objective: str) -> None:
     """A ViT whose tokens are patches of the image, or a one-line ConfigError."""
     from vitscale.models.vit import VisionTransformer
@@ -115,7 +110,7 @@ class PretrainObjective(Objective):
         from torch.nn.attention import SDPBackend, sdpa_kernel
         from torch.utils.flop_counter import FlopCounterMode
 
-        cfg = encoder_of(model).cfg
+        cfg = model.cfg  # the trainer's own model, before any DDP wrapper
         device = next(model.parameters()).device
         x = torch.zeros(1, cfg.in_chans, *cfg.img_size, device=device)
         plan = self.draw(1, torch.Generator().manual_seed(0)).to(device)
